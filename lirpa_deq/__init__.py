@@ -1,0 +1,11 @@
+"""lirpa_deq: certified robustness for Deep Equilibrium Models, as an auto_LiRPA plugin.
+
+Importing the package applies the version bridge for auto_LiRPA / torch (``lirpa_deq._compat``)
+before anything of ours imports auto_LiRPA, and registers the DEQ fixed-point operator so that
+``BoundedModule`` understands models containing ``lirpa_deq.nn.DEQ`` layers.
+"""
+__version__ = "0.1.0"
+
+from . import _compat  # noqa: F401  (must run before auto_LiRPA is imported anywhere)
+
+__all__ = ["__version__"]

@@ -1,0 +1,244 @@
+"""The one place that knows about versions: bridges auto_LiRPA (0.3 from PyPI, or upstream >= 0.6)
+to the installed torch (2.x) and numpy (1.x / 2.x).
+
+Everything here is feature-detected (``hasattr`` / signature checks), applied once on
+``import lirpa_deq``, and is a no-op where the installed versions do not need it. Each shim is
+named; ``LIRPA_DEQ_DISABLE_SHIMS=name1,name2`` switches individual shims off, which is how the test
+suite proves that every shim is needed (a shim that nothing needs is deleted).
+
+Two phases:
+* ``PRE_IMPORT`` shims patch torch / numpy before auto_LiRPA is imported (its module-level imports
+  would fail otherwise);
+* ``POST_IMPORT`` shims patch auto_LiRPA classes after import (work-arounds for 0.3 bugs on the paths
+  lirpa_deq uses).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+import types
+
+import numpy as np
+import torch
+
+DISABLED = {s.strip() for s in os.environ.get("LIRPA_DEQ_DISABLE_SHIMS", "").split(",") if s.strip()}
+APPLIED: list[str] = []  # names of shims that were needed and applied, for diagnostics
+
+
+def _shim(name):
+    """Register ``fn`` as shim ``name``; it returns True when it patched something."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run():
+            if name in DISABLED:
+                return
+            if fn():
+                APPLIED.append(name)
+
+        run.shim_name = name
+        return run
+
+    return wrap
+
+
+def _onnx_globals():
+    """torch's ONNX exporter globals object (moved under ``_internal.torchscript_exporter`` in 2.9)."""
+    for mod in ("torch.onnx._internal.torchscript_exporter._globals", "torch.onnx._globals"):
+        try:
+            return __import__(mod, fromlist=["GLOBALS"]).GLOBALS
+        except ImportError:
+            continue
+    return None
+
+
+# --------------------------------------------------------------------------------------- pre-import
+@_shim("numpy_arraysetops")
+def _numpy_arraysetops():
+    # numpy 2.0 removed the numpy.lib.arraysetops module; auto_LiRPA 0.3 imports `isin` from it.
+    try:
+        import numpy.lib.arraysetops  # noqa: F401
+        return False
+    except ImportError:
+        mod = types.ModuleType("numpy.lib.arraysetops")
+        mod.isin = np.isin
+        sys.modules["numpy.lib.arraysetops"] = mod
+        return True
+
+
+@_shim("set_opset_version")
+def _set_opset_version():
+    # torch 2.x removed symbolic_helper._set_opset_version; 0.3 calls it to export at opset 12.
+    # A no-op is not enough: Unsqueeze/ReduceSum change form above opset 12.
+    import torch.onnx.symbolic_helper as helper
+
+    if hasattr(helper, "_set_opset_version"):
+        return False
+    globals_ = _onnx_globals()
+
+    def _set(opset_version):
+        globals_.export_onnx_opset_version = opset_version
+
+    helper._set_opset_version = _set
+    return True
+
+
+@_shim("node_getitem")
+def _node_getitem():
+    # torch 1.13 removed torch._C.Node.__getitem__ (attribute access by name); 0.3 uses node[key].
+    if hasattr(torch._C.Node, "__getitem__"):
+        return False
+    torch._C.Node.__getitem__ = lambda node, key: getattr(node, node.kindOf(key))(key)
+    return True
+
+
+@_shim("symbolic_registration")
+def _symbolic_registration():
+    # torch >= 2.9 registers only the default opset's symbolic functions on import; auto_LiRPA
+    # exports at an older opset (12), so without this Pad/Resize take their old form (and upstream
+    # auto_LiRPA 0.7 even gives unsound CROWN bounds for x**2). Trigger the full registration.
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils as exporter_utils
+    except ImportError:
+        return False
+    trigger = getattr(exporter_utils, "_trigger_symbolic_function_registration", None)
+    if trigger is None:
+        return False
+    trigger()
+    return True
+
+
+PRE_IMPORT = [_numpy_arraysetops, _set_opset_version, _node_getitem,
+              _symbolic_registration]
+
+
+# -------------------------------------------------------------------------------------- post-import
+@_shim("named_members_remove_duplicate")
+def _named_members_remove_duplicate():
+    # torch 2.0 passes remove_duplicate= to Module._named_members; 0.3's BoundedModule overrides it
+    # without that keyword (it already de-duplicates through its memo set).
+    from auto_LiRPA import BoundedModule
+
+    original = BoundedModule._named_members
+    if "remove_duplicate" in inspect.signature(original).parameters:
+        return False
+
+    @functools.wraps(original)
+    def _named_members(self, get_members_fn, prefix="", recurse=True, remove_duplicate=True):
+        return original(self, get_members_fn, prefix=prefix, recurse=recurse)
+
+    BoundedModule._named_members = _named_members
+    return True
+
+
+@_shim("add_sub_patches_mode")
+def _add_sub_patches_mode():
+    # 0.3 keeps BoundAdd/BoundSub in conv_mode 'patches' even on 2-D tensors, and then builds an
+    # identity Patches spec for them (crashes CROWN on cells like relu(Wz + Ux)). Upstream (>= 0.4)
+    # guards that branch with len(output_shape) >= 4; mirror that by reporting 'matrix' below 4-D.
+    from auto_LiRPA import backward_bound
+    from auto_LiRPA.operators import BoundAdd, BoundSub
+
+    if "len(node.output_shape) >= 4" in inspect.getsource(backward_bound.get_sparse_C):
+        return False
+
+    def get_mode(node):
+        shape = getattr(node, "output_shape", None)
+        if shape is not None and len(shape) < 4:
+            return "matrix"
+        return node.__dict__.get("_conv_mode", "matrix")
+
+    def set_mode(node, value):
+        node.__dict__["_conv_mode"] = value
+
+    for cls in (BoundAdd, BoundSub):
+        cls.mode = property(get_mode, set_mode)
+    return True
+
+
+@_shim("dense_intermediate_specs")
+def _dense_intermediate_specs():
+    # 0.3's sparse intermediate bounds (bound only the neurons IBP calls unstable) return UNSOUND
+    # bounds on Add nodes of 2-D cells such as relu(Wz + Ux) (caught by tests/test_auto_lirpa.py;
+    # upstream >= 0.4 is sound there). It is only a speed-up, so 0.3 defaults it off; an explicit
+    # bound_opts={'sparse_intermediate_bounds': True} is still honoured.
+    from auto_LiRPA import BoundedModule, backward_bound
+
+    if "len(node.output_shape) >= 4" in inspect.getsource(backward_bound.get_sparse_C):
+        return False
+    original = BoundedModule.__init__
+
+    @functools.wraps(original)
+    def __init__(self, model, global_input, bound_opts=None, *args, **kwargs):
+        bound_opts = dict(bound_opts or {})
+        bound_opts.setdefault("sparse_intermediate_bounds", False)
+        original(self, model, global_input, bound_opts, *args, **kwargs)
+
+    BoundedModule.__init__ = __init__
+    return True
+
+
+@_shim("maxpool_alpha_spec")
+def _maxpool_alpha_spec():
+    # alpha-CROWN in 0.3 builds MaxPool's alpha as torch.empty([1, spec_size, ...]) where the spec
+    # size of a matrix-mode start node is a torch.Size (torch 2 refuses a Size inside a size list);
+    # upstream passes an int. Flatten the spec size. (0.3 still rejects MaxPool alpha in conv_mode
+    # 'patches'; use bound_opts={'conv_mode': 'matrix'} there.)
+    from auto_LiRPA.operators import BoundMaxPool
+
+    if not hasattr(BoundMaxPool, "init_opt_parameters"):  # upstream: _init_opt_parameters_impl
+        return False
+    original = BoundMaxPool.init_opt_parameters
+
+    @functools.wraps(original)
+    def init_opt_parameters(self, start_nodes):
+        flat = [(name, int(np.prod(size)) if isinstance(size, (tuple, list)) else size, idx)
+                for name, size, idx in start_nodes]
+        return original(self, flat)
+
+    BoundMaxPool.init_opt_parameters = init_opt_parameters
+    return True
+
+
+@_shim("avgpool_view")
+def _avgpool_view():
+    # 0.3's BoundAveragePool.bound_backward calls .view on a padded, non-contiguous A (fails for
+    # pooling whose kernel does not tile the input, e.g. AvgPool4 on 7x7 or 8x8 after convs).
+    # Upstream reshapes; hand it a contiguous A and let `view` copy-free succeed.
+    from auto_LiRPA.operators import BoundAveragePool
+
+    original = BoundAveragePool.bound_backward
+    if "F.pad(next_A" not in inspect.getsource(original):
+        return False
+
+    @functools.wraps(original)
+    def bound_backward(self, last_lA, last_uA, x, *args, **kwargs):
+        last_lA = last_lA.contiguous() if isinstance(last_lA, torch.Tensor) else last_lA
+        last_uA = last_uA.contiguous() if isinstance(last_uA, torch.Tensor) else last_uA
+        return original(self, last_lA, last_uA, x, *args, **kwargs)
+
+    BoundAveragePool.bound_backward = bound_backward
+    return True
+
+
+POST_IMPORT = [_named_members_remove_duplicate, _add_sub_patches_mode, _dense_intermediate_specs, _maxpool_alpha_spec,
+               _avgpool_view]
+
+
+def apply():
+    """Apply every shim that the installed versions need (idempotent)."""
+    if getattr(apply, "done", False):
+        return
+    for shim in PRE_IMPORT:
+        shim()
+    import auto_LiRPA  # noqa: F401  (imported only after the pre-import shims)
+
+    for shim in POST_IMPORT:
+        shim()
+    apply.done = True
+
+
+ALL_SHIMS = [s.shim_name for s in PRE_IMPORT + POST_IMPORT]
+apply()

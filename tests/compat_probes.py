@@ -1,0 +1,99 @@
+"""Probes run in a fresh interpreter by tests/test_compat.py: each exercises the code path that one
+shim of lirpa_deq._compat exists for. Usage: python compat_probes.py PROBE_NAME [PROBE_NAME ...]
+(exit 0 when every named probe succeeds)."""
+import math
+import sys
+
+import torch
+import torch.nn as nn
+
+
+def _bounds(model, x, method, **opts):
+    from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+
+    bounded = BoundedModule(model, torch.zeros_like(x), bound_opts=opts)
+    bx = BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.05))
+    return bounded, bounded.compute_bounds(x=(bx,), method=method)
+
+
+class ReluAffine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.U, self.W, self.out = nn.Linear(16, 10), nn.Linear(10, 10, bias=False), nn.Linear(10, 5)
+
+    def forward(self, x):
+        u = self.U(x)
+        z = torch.relu(u)
+        for _ in range(3):
+            z = torch.relu(self.W(z) + u)
+        return self.out(z)
+
+
+def probe_import():
+    import lirpa_deq  # noqa: F401
+
+
+def probe_bounded_module():
+    import lirpa_deq  # noqa: F401
+    _bounds(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), torch.rand(2, 4), "IBP")
+
+
+def probe_parameters():
+    import lirpa_deq  # noqa: F401
+    bounded, _ = _bounds(nn.Sequential(nn.Linear(4, 3)), torch.rand(2, 4), "IBP")
+    assert len(list(bounded.parameters())) == 2
+
+
+def probe_pad():
+    import lirpa_deq  # noqa: F401
+    model = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
+    _bounds(model, torch.rand(2, 1, 8, 8), "CROWN")
+
+
+def probe_relu_affine_crown():
+    import lirpa_deq  # noqa: F401
+    _bounds(ReluAffine(), torch.rand(3, 16), "CROWN")
+
+
+def probe_relu_affine_sound():
+    import lirpa_deq  # noqa: F401
+    from lirpa_deq.testing import check_bounds
+
+    torch.manual_seed(1)
+    model, x = ReluAffine(), torch.rand(3, 16)
+    _, (lb, ub) = _bounds(model, x, "CROWN", conv_mode="matrix")  # matrix mode: no add_sub shim needed
+    report = check_bounds(model, x, 0.05, lb, ub, n_samples=300)
+    assert report.violations == 0, report
+
+
+def probe_maxpool_alpha():
+    import lirpa_deq  # noqa: F401
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(64, 5))
+    _bounds(model, torch.rand(2, 1, 8, 8), "CROWN-Optimized", conv_mode="matrix")
+
+
+def probe_avgpool4():
+    import lirpa_deq  # noqa: F401
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(4), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16, 5))
+    _bounds(model, torch.rand(2, 1, 8, 8), "CROWN")
+
+
+# which probe proves each shim necessary
+SHIM_PROBES = {
+    "numpy_arraysetops": "import",
+    "set_opset_version": "import",
+    "node_getitem": "bounded_module",
+    "symbolic_registration": "pad",
+    "named_members_remove_duplicate": "parameters",
+    "add_sub_patches_mode": "relu_affine_crown",
+    "dense_intermediate_specs": "relu_affine_sound",
+    "maxpool_alpha_spec": "maxpool_alpha",
+    "avgpool_view": "avgpool4",
+}
+
+if __name__ == "__main__":
+    for name in sys.argv[1:]:
+        globals()["probe_" + name]()
+    print("ok")
