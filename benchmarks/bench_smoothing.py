@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Benchmark: plain randomized smoothing (converged DEQ solves) vs Serialized RS (1 and 3 steps).
+
+On the embedded MNIST-5k test split with a small fully connected IBP-MonDEQ (trained here with
+Gaussian noise augmentation, one model per sigma, unless --checkpoint is given), for every sigma
+and method it reports: seconds per image, DEQ solver iterations (per batch call, summed, and
+"row-iterations" = iterations x batch rows), the SRS audit statistics, and certified accuracy at
+radii 0, 0.25, 0.5, 0.75, 1.0 -- then the speed ratios against plain smoothing.
+
+    python benchmarks/bench_smoothing.py                       # full: n = 10,000, 100 images
+    python benchmarks/bench_smoothing.py --n 2000 --num-images 10   # quick
+
+Requires ``lirpa_deq.nn`` (DEQ, IBPMonLinear, serial_warm_start).  Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def build_model(hidden: int, tol: float, max_iter: int, margin: float, device):
+    from lirpa_deq.nn import DEQ, IBPMonLinear
+
+    deq = DEQ(IBPMonLinear(hidden, m=margin), solver="anderson", tol=tol, max_iter=max_iter)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden), deq,
+                               torch.nn.Linear(hidden, 10)).to(device)
+
+
+def train(model, data, sigma, epochs, device, seed):
+    """Gaussian-augmentation training (Cohen et al.): Adam, batch 128, noise N(0, sigma^2)."""
+    x, y = data.tensors
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for ep in range(epochs):
+        perm = torch.randperm(len(y), generator=g)
+        tot = 0.0
+        for i in range(0, len(y), 128):
+            idx = perm[i:i + 128]
+            xb = x[idx].to(device)
+            xb = xb + sigma * torch.randn(xb.shape, generator=g).to(device)
+            loss = torch.nn.functional.cross_entropy(model(xb), y[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach()) * len(idx)
+        print(f"  [train sigma={sigma}] epoch {ep + 1}/{epochs} loss {tot / len(y):.3f}", flush=True)
+    model.eval()
+    return model
+
+
+class IterCounter:
+    """Forward hook on every DEQ: sums solver iterations (per call, and times batch rows)."""
+
+    def __init__(self, model):
+        from lirpa_deq.nn import deq_modules
+
+        self.calls = self.iters = self.row_iters = 0
+        self.handles = [m.register_forward_hook(self._hook) for m in deq_modules(model)]
+
+    def _hook(self, mod, inp, out):
+        k = mod.last_stats.iterations
+        self.calls += 1
+        self.iters += k
+        self.row_iters += k * out.shape[0]
+
+
+def certified_accuracy(results, labels):
+    out = []
+    for r in RADII:
+        ok = [(c == y) and (rad >= r if r > 0 else c != -1) for (c, rad), y in zip(results, labels)]
+        out.append(float(np.mean(ok)))
+    return out
+
+
+def run_method(name, smoother, model, xs, ys, args):
+    counter = IterCounter(model)
+    results, audit = [], []
+    if xs[0].is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i, x in enumerate(xs):
+        res = smoother.certify_detailed(x, args.n0, args.n, args.alpha, args.batch_size, seed=args.seed + i)
+        results.append(res.as_tuple())
+        if "audit_disagree" in res.extra:
+            audit.append(res.extra["audit_disagree"] / res.extra["audit_size"])
+    if xs[0].is_cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    for h in counter.handles:
+        h.remove()
+    return {"name": name, "sec_per_image": dt / len(xs), "iters": counter.iters, "row_iters": counter.row_iters,
+            "calls": counter.calls, "acc": certified_accuracy(results, ys),
+            "audit_disagree": float(np.mean(audit)) if audit else None}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=10000, help="estimation samples per image")
+    p.add_argument("--n0", type=int, default=100)
+    p.add_argument("--num-images", type=int, default=100)
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--batch-size", type=int, default=400)
+    p.add_argument("--audit-size", type=int, default=400)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--max-iter", type=int, default=50)
+    p.add_argument("--margin", type=float, default=0.5, help="monotonicity margin m of the cell")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--checkpoint", default=None,
+                   help="state_dict for the --hidden architecture (used for every sigma instead of training)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    try:
+        import lirpa_deq.nn  # noqa: F401
+    except ImportError as exc:
+        sys.exit(f"bench_smoothing needs lirpa_deq.nn ({exc})")
+    from lirpa_deq.data import load_mnist5k
+    from lirpa_deq.smoothing import SerializedSmooth, Smooth
+
+    device = torch.device(args.device)
+    test = load_mnist5k("test")
+    # every 1000/num_images-th test digit: a class-mixed, deterministic subset
+    idx = np.linspace(0, len(test) - 1, args.num_images).round().astype(int)
+    xs = [test.tensors[0][i].to(device) for i in idx]
+    ys = [int(test.tensors[1][i]) for i in idx]
+    print(f"# device={device} torch={torch.__version__} threads={torch.get_num_threads()} n={args.n} n0={args.n0} "
+          f"images={len(xs)} alpha={args.alpha} batch={args.batch_size} audit={args.audit_size} "
+          f"hidden={args.hidden} m={args.margin} tol={args.tol} max_iter={args.max_iter}", flush=True)
+
+    rows = []
+    for sigma in args.sigmas:
+        torch.manual_seed(args.seed)
+        model = build_model(args.hidden, args.tol, args.max_iter, args.margin, device)
+        if args.checkpoint:
+            model.load_state_dict(torch.load(args.checkpoint, map_location=device))
+            model.eval()
+        else:
+            train(model, load_mnist5k("train"), sigma, args.epochs, device, args.seed)
+        methods = [("plain", Smooth(model, 10, sigma))]
+        methods += [(f"srs-{k}", SerializedSmooth(model, 10, sigma, steps=k, audit_size=args.audit_size))
+                    for k in args.steps]
+        for name, sm in methods:
+            r = run_method(name, sm, model, xs, ys, args)
+            r["sigma"] = sigma
+            rows.append(r)
+            print(f"  sigma={sigma} {name}: {r['sec_per_image']:.3f} s/img", flush=True)
+
+    print("\nsigma  method  s/img   speedup  DEQ calls  iters  row-iters   row-it ratio  audit-disagree  "
+          + "  ".join(f"acc@{r:g}" for r in RADII))
+    for r in rows:
+        base = next(b for b in rows if b["sigma"] == r["sigma"] and b["name"] == "plain")
+        dis = "-" if r["audit_disagree"] is None else f"{r['audit_disagree']:.4f}"
+        print(f"{r['sigma']:<5}  {r['name']:<6}  {r['sec_per_image']:.3f}  {base['sec_per_image'] / r['sec_per_image']:6.2f}x"
+              f"  {r['calls']:9d}  {r['iters']:5d}  {r['row_iters']:9d}  {r['row_iters'] / base['row_iters']:12.3f}"
+              f"  {dis:>14}  " + "  ".join(f"{a:7.2f}" for a in r["acc"]))
+
+
+if __name__ == "__main__":
+    main()
