@@ -7,5 +7,7 @@ before anything of ours imports auto_LiRPA, and registers the DEQ fixed-point op
 __version__ = "0.1.0"
 
 from . import _compat  # noqa: F401  (must run before auto_LiRPA is imported anywhere)
+from . import bounds, nn  # noqa: E402  (registers the DEQ operator with auto_LiRPA)
+from .bounds import BoundDEQ, IntervalProofError  # noqa: E402
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "nn", "bounds", "BoundDEQ", "IntervalProofError"]

@@ -1,0 +1,104 @@
+"""``BoundDEQ``: auto_LiRPA's Bound for the ``custom::DEQFixedPoint`` node.
+
+Inputs: node 0 is the injection u (B, *state), nodes 1.. are the cell parameters (unperturbed).
+Output: z*(u), the DEQ's fixed point.
+
+* ``forward``: the point solve (implicit gradients to u and the parameters).
+* ``interval_propagate``: the PROVED interval fixed point (lirpa_deq.bounds.interval) with
+  implicit-function gradients (IBP certified training).
+* ``bound_backward``: linear (CROWN) bounds through the adjoint DEQ (lirpa_deq.bounds.adjoint).
+
+Options: ``BoundedModule(..., bound_opts={'deq': {...}})`` with keys of
+:class:`IntervalOptions` (interval search / proof) and ``adjoint_max_iter``, ``adjoint_tol``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from auto_LiRPA.operators import Bound
+
+from .interval import IntervalOptions, prove_interval_fixed_point
+from .implicit import differentiable_interval_step
+from .node import lookup_layer, parameter_names
+
+ADJOINT_KEYS = ("adjoint_max_iter", "adjoint_tol", "adjoint_solver")
+
+
+def deq_options(options):
+    """Split ``bound_opts['deq']`` into IntervalOptions and adjoint options; unknown keys raise."""
+    raw = dict((options or {}).get("deq", {}) or {})
+    interval_keys = {f.name for f in dataclasses.fields(IntervalOptions)}
+    unknown = sorted(set(raw) - interval_keys - set(ADJOINT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown bound_opts['deq'] option(s) {unknown}; valid: "
+                         f"{sorted(interval_keys | set(ADJOINT_KEYS))}")
+    interval = IntervalOptions(**{k: v for k, v in raw.items() if k in interval_keys})
+    adjoint = {k: v for k, v in raw.items() if k in ADJOINT_KEYS}
+    return interval, adjoint
+
+
+class BoundDEQ(Bound):
+    """Bound of a DEQ fixed-point node; see the module docstring."""
+
+    def __init__(self, attr=None, inputs=None, output_index=0, options=None):
+        super().__init__(attr, inputs, output_index, options)
+        self.deq_key = int(attr["deq"])
+        self.requires_input_bounds = [0]  # bounds of u are needed (ReLU relaxation inside)
+        self.nonlinear = True
+        self.interval_options, self.adjoint_options = deq_options(options)
+        self.box = None  # last proved (lo, hi) of z*, reused by bound_backward
+
+    @property
+    def deq(self):
+        return lookup_layer(self.deq_key)
+
+    def _params(self, values):
+        names = parameter_names(self.deq)
+        if len(values) != len(names):
+            raise RuntimeError(f"DEQ node got {len(values)} parameter inputs, the cell has {len(names)}")
+        return dict(zip(names, values))
+
+    def forward(self, u, *params):
+        return self.deq.solve(u, params=self._params(params))
+
+    # ------------------------------------------------------------------------------------ IBP
+    def _check_params_unperturbed(self, intervals):
+        for i, (lo, hi) in enumerate(intervals, start=1):
+            if self.is_input_perturbed(i) or (lo is not hi and not torch.equal(lo, hi)):
+                raise NotImplementedError(
+                    "perturbed DEQ cell parameters are not supported (BoundedParameter inside a "
+                    "DEQ cell): the fixed-point bounds assume fixed weights. Perturb the input or "
+                    "layers outside the DEQ instead.")
+
+    def interval_box(self, u_lo, u_hi, params):
+        """The proved box of z* for u in [u_lo, u_hi] (no gradients); caches it in ``self.box``."""
+        deq = self.deq
+        with torch.no_grad():
+            op = deq.cell.operator({k: v.detach() for k, v in params.items()})
+            op.prepare(tuple(u_lo.shape[1:]))
+            z_mid = deq.solve((u_lo + u_hi).detach() / 2, params={k: v.detach() for k, v in params.items()})
+            lo, hi, info = prove_interval_fixed_point(op, u_lo.detach(), u_hi.detach(), z_start=z_mid,
+                                                      opts=self.interval_options)
+        self.box, self.box_info = (lo, hi), info
+        return lo, hi
+
+    def interval_propagate(self, *v):
+        (u_lo, u_hi), param_intervals = v[0], v[1:]
+        self._check_params_unperturbed(param_intervals)
+        params = self._params([p[0] for p in param_intervals])
+        lo, hi = self.interval_box(u_lo, u_hi, params)
+        op = self.deq.cell.operator(params)  # with grad: training differentiates the bound
+        op.prepare(tuple(u_lo.shape[1:]))
+        return differentiable_interval_step(op, lo, hi, u_lo, u_hi)
+
+    # ---------------------------------------------------------------------------- backward
+    def bound_backward(self, last_lA, last_uA, *x, **kwargs):
+        from .adjoint import deq_bound_backward  # the adjoint-DEQ (CROWN) bound
+
+        return deq_bound_backward(self, last_lA, last_uA, *x, **kwargs)
+
+    def bound_forward(self, dim_in, *x):
+        raise NotImplementedError(
+            "forward-mode LiRPA through a DEQ node is not supported; use method='IBP', "
+            "'CROWN', 'CROWN-IBP' or 'CROWN-Optimized'.")
