@@ -79,25 +79,36 @@ def certified_accuracy(results, labels):
     return out
 
 
-def run_method(name, smoother, model, xs, ys, args):
+def run_methods(methods, model, xs, ys, args):
+    """Certify every image with every method, interleaved per image (so that machine-load
+    fluctuations hit all methods alike). Returns one summary dict per method."""
     counter = IterCounter(model)
-    results, audit = [], []
-    if xs[0].is_cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    stats = {name: {"time": [], "iters": 0, "row_iters": 0, "calls": 0, "results": [], "audit": []}
+             for name, _ in methods}
     for i, x in enumerate(xs):
-        res = smoother.certify_detailed(x, args.n0, args.n, args.alpha, args.batch_size, seed=args.seed + i)
-        results.append(res.as_tuple())
-        if "audit_disagree" in res.extra:
-            audit.append(res.extra["audit_disagree"] / res.extra["audit_size"])
-    if xs[0].is_cuda:
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+        for name, smoother in methods:
+            st = stats[name]
+            c0, k0, r0 = counter.calls, counter.iters, counter.row_iters
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            res = smoother.certify_detailed(x, args.n0, args.n, args.alpha, args.batch_size, seed=args.seed + i)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            st["time"].append(time.perf_counter() - t0)
+            st["calls"] += counter.calls - c0
+            st["iters"] += counter.iters - k0
+            st["row_iters"] += counter.row_iters - r0
+            st["results"].append(res.as_tuple())
+            if "audit_disagree" in res.extra:
+                st["audit"].append(res.extra["audit_disagree"] / res.extra["audit_size"])
     for h in counter.handles:
         h.remove()
-    return {"name": name, "sec_per_image": dt / len(xs), "iters": counter.iters, "row_iters": counter.row_iters,
-            "calls": counter.calls, "acc": certified_accuracy(results, ys),
-            "audit_disagree": float(np.mean(audit)) if audit else None}
+    return [{"name": name, "sec_per_image": float(np.mean(st["time"])),
+             "median_sec": float(np.median(st["time"])), "iters": st["iters"], "row_iters": st["row_iters"],
+             "calls": st["calls"], "acc": certified_accuracy(st["results"], ys),
+             "audit_disagree": float(np.mean(st["audit"])) if st["audit"] else None}
+            for name, st in stats.items()]
 
 
 def main(argv=None):
@@ -118,6 +129,7 @@ def main(argv=None):
     p.add_argument("--checkpoint", default=None,
                    help="state_dict for the --hidden architecture (used for every sigma instead of training)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU timing stability)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
@@ -129,6 +141,8 @@ def main(argv=None):
     from lirpa_deq.smoothing import SerializedSmooth, Smooth
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     test = load_mnist5k("test")
     # every 1000/num_images-th test digit: a class-mixed, deterministic subset
     idx = np.linspace(0, len(test) - 1, args.num_images).round().astype(int)
@@ -150,11 +164,11 @@ def main(argv=None):
         methods = [("plain", Smooth(model, 10, sigma))]
         methods += [(f"srs-{k}", SerializedSmooth(model, 10, sigma, steps=k, audit_size=args.audit_size))
                     for k in args.steps]
-        for name, sm in methods:
-            r = run_method(name, sm, model, xs, ys, args)
+        for r in run_methods(methods, model, xs, ys, args):
             r["sigma"] = sigma
             rows.append(r)
-            print(f"  sigma={sigma} {name}: {r['sec_per_image']:.3f} s/img", flush=True)
+            print(f"  sigma={sigma} {r['name']}: {r['sec_per_image']:.3f} s/img (median {r['median_sec']:.3f})",
+                  flush=True)
 
     print("\nsigma  method  s/img   speedup  DEQ calls  iters  row-iters   row-it ratio  audit-disagree  "
           + "  ".join(f"acc@{r:g}" for r in RADII))

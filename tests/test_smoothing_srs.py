@@ -202,3 +202,9 @@ def test_srs_errors_and_default_context():
     with pytest.raises(ValueError, match="n0"):
         srs.certify(torch.zeros(3), 100, 50, 0.1)
     assert srs.predict(torch.zeros(3), 10, 0.1, seed=0) in (0, 1, ABSTAIN)  # converged PREDICT
+
+
+def test_srs_abstains_on_low_confidence():
+    t = SIGMA * norm.ppf(0.52)
+    srs = SerializedSmooth(Threshold(t), 3, SIGMA, fast_model=NearBoundary(t, 0.3), audit_size=100)
+    assert all(srs.certify(torch.zeros(3), 50, 500, 0.01, 100, seed=s) == (ABSTAIN, 0.0) for s in range(10))
