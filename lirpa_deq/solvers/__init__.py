@@ -1,0 +1,19 @@
+"""Fixed-point solvers for DEQs.
+
+Generic (any batched map ``f``): ``fixed_point_iter``, ``anderson``, ``broyden``.
+Structured (monDEQ splitting, need a :class:`ReLUAffineProblem`): ``forward_backward``,
+``peaceman_rachford``. All return ``(z, SolverStats)`` and take a warm start ``z0``.
+"""
+from .anderson import anderson
+from .broyden import broyden
+from .fixed_point import fixed_point_iter
+from .problem import ReLUAffineProblem
+from .registry import SOLVERS, get_solver, requires_problem, solver_options
+from .splitting import default_fb_alpha, forward_backward, peaceman_rachford
+from .stats import RESIDUAL_EPS, SolverStats, per_sample_residual
+
+__all__ = [
+    "SOLVERS", "get_solver", "requires_problem", "solver_options", "SolverStats",
+    "ReLUAffineProblem", "per_sample_residual", "RESIDUAL_EPS", "default_fb_alpha",
+    "fixed_point_iter", "anderson", "broyden", "forward_backward", "peaceman_rachford",
+]
