@@ -1,0 +1,181 @@
+"""The DEQ layer: ``z* = cell(z*, u)`` with implicit (adjoint) gradients.
+
+Forward: the fixed point is found under ``torch.no_grad()`` by a registered solver; then ONE
+differentiable cell step ``out = relu(W z* + u)`` is taken at the (detached) fixed point and a
+gradient hook on ``out`` replaces the incoming gradient ``grad`` by the solution ``g`` of the
+adjoint system ``g = grad + J^T g`` with ``J = D W``, ``D = diag(relu'(W z* + u))``. Autograd
+then carries ``g`` through that one step to ``u`` and to the cell parameters (or to the
+tensors passed in ``params``). The adjoint is solved in the form ``h = D g``:
+``h = D (W^T h + grad)`` (a ReLU-affine problem with a 0/1 mask as nonlinearity, so every
+solver, splitting included, applies) and ``g = grad + W^T h``.
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ..solvers import ReLUAffineProblem, get_solver, solver_options
+from .cells.base import ReLUAffineCell
+
+ON_NONCONVERGENCE = ("warn", "raise", "ignore")
+
+
+class DEQConvergenceError(RuntimeError):
+    """A solve missed its tolerance and the layer was built with ``on_nonconvergence='raise'``."""
+
+
+class DEQConvergenceWarning(RuntimeWarning):
+    """A solve missed its tolerance (``on_nonconvergence='warn'``, the default)."""
+
+
+def _check_tol(name, v):
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not v >= 0:
+        raise ValueError(f"{name} must be a real number >= 0, got {v!r}")
+    return float(v)
+
+
+def _check_iters(name, v):
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return int(v)
+
+
+class DEQ(nn.Module):
+    """Deep equilibrium layer around a :class:`ReLUAffineCell`.
+
+    forward(u, z0=None) -> z* of u's shape (``(B, n)`` or ``(B, C, H, W)``).
+    solver / backward_solver: names from ``lirpa_deq.solvers.SOLVERS`` (the backward solver
+    defaults to the forward one). tol / max_iter: forward stopping rule (relative residual
+    ``||f(z) - z|| / ||z||`` per sample); backward_* default to the forward values.
+    implicit: False differentiates through the solver iterations instead (tests, small
+    problems). on_nonconvergence: 'warn' | 'raise' (:class:`DEQConvergenceError`) | 'ignore'.
+    solver_opts: passed to the solver(s) that accept them (e.g. ``m``, ``alpha``, ``damping``).
+
+    After each call ``last_stats`` holds the forward :class:`SolverStats`; after each backward
+    pass ``last_backward_stats`` holds the adjoint solve's.
+    """
+
+    def __init__(self, cell: ReLUAffineCell, solver: str = "anderson", tol: float = 1e-4,
+                 max_iter: int = 50, backward_solver: str | None = None,
+                 backward_tol: float | None = None, backward_max_iter: int | None = None,
+                 implicit: bool = True, on_nonconvergence: str = "warn", **solver_opts):
+        super().__init__()
+        if not isinstance(cell, ReLUAffineCell):
+            raise TypeError(f"DEQ needs a ReLUAffineCell, got {type(cell).__name__}")
+        self.cell = cell
+        self._solver = get_solver(solver)
+        self._bsolver = get_solver(solver if backward_solver is None else backward_solver)
+        self.solver = solver
+        self.backward_solver = solver if backward_solver is None else backward_solver
+        self.tol = _check_tol("tol", tol)
+        self.max_iter = _check_iters("max_iter", max_iter)
+        self.backward_tol = self.tol if backward_tol is None else _check_tol("backward_tol", backward_tol)
+        self.backward_max_iter = (self.max_iter if backward_max_iter is None
+                                  else _check_iters("backward_max_iter", backward_max_iter))
+        if on_nonconvergence not in ON_NONCONVERGENCE:
+            raise ValueError(f"on_nonconvergence={on_nonconvergence!r} is not one of {ON_NONCONVERGENCE}")
+        self.on_nonconvergence = on_nonconvergence
+        self.implicit = bool(implicit)
+        fwd, bwd = solver_options(self._solver), solver_options(self._bsolver)
+        unknown = sorted(set(solver_opts) - set(fwd) - set(bwd))
+        if unknown:
+            raise ValueError(f"unknown solver option(s) {unknown} for solver={solver!r} / "
+                             f"backward_solver={self.backward_solver!r}; valid options: "
+                             f"{sorted(set(fwd) | set(bwd))}")
+        self.solver_opts = dict(solver_opts)
+        self._fopts = {k: v for k, v in solver_opts.items() if k in fwd}
+        self._bopts = {k: v for k, v in solver_opts.items() if k in bwd}
+        self.last_stats = None
+        self.last_backward_stats = None
+        self._serial = None  # set by serial_warm_start
+
+    def forward(self, u, z0=None):
+        if torch._C._get_tracing_state() is not None:  # auto_LiRPA is tracing: emit ONE node
+            from ..bounds.node import traced_deq
+            return traced_deq(self, u)
+        return self.solve(u, z0=z0)
+
+    def solve(self, u: torch.Tensor, params: dict | None = None, z0: torch.Tensor | None = None):
+        """The fixed point for injection ``u``; ``params`` overrides cell parameters exactly as
+        in ``cell.operator(params)`` (gradients then reach those tensors). ``z0``: warm start
+        of u's shape (default zeros, or the previous solution under ``serial_warm_start``)."""
+        self.cell.state_shape(u.shape)
+        op = self.cell.operator(params)
+        op.prepare(tuple(u.shape[1:]))  # size-dependent pieces built once, with grad
+        z0, max_iter, policy = self._start(u, z0)
+        margin = self.cell.margin
+        if not self.implicit:
+            z, stats = self._solver(ReLUAffineProblem(op, u, margin=margin), z0, tol=self.tol,
+                                    max_iter=max_iter, **self._fopts)
+            self._record(stats, policy, "forward")
+            out = self.cell.step(z, u, op)
+        else:
+            with torch.no_grad():
+                z, stats = self._solver(ReLUAffineProblem(op, u, margin=margin), z0.detach(),
+                                        tol=self.tol, max_iter=max_iter, **self._fopts)
+            self._record(stats, policy, "forward")
+            out = self.cell.step(z.detach(), u, op)
+            if out.requires_grad:
+                self._attach_adjoint(out, op, policy)
+        if self._serial is not None:
+            self._serial["prev"] = out.detach()
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+    def _start(self, u, z0):
+        serial = self._serial
+        policy = self.on_nonconvergence if serial is None else "ignore"
+        if z0 is not None:
+            if z0.shape != u.shape:
+                raise ValueError(f"z0 shape {tuple(z0.shape)} != injection shape {tuple(u.shape)}")
+            return z0.to(dtype=u.dtype, device=u.device), self.max_iter, policy
+        if serial is not None:
+            prev = serial["prev"]
+            if prev is not None and prev.shape == u.shape and prev.dtype == u.dtype \
+                    and prev.device == u.device:
+                return prev, serial["max_iter"], policy
+        return torch.zeros_like(u, memory_format=torch.contiguous_format), self.max_iter, policy
+
+    def _attach_adjoint(self, out, op, policy):
+        mask = (out.detach() > 0).to(out.dtype)  # relu'(s*) exactly as autograd uses it
+        margin = self.cell.margin
+
+        def adjoint_hook(grad):
+            if grad is None:  # undefined gradient: nothing flows back
+                return grad
+            with torch.no_grad():
+                prob = ReLUAffineProblem(op, grad, margin=margin, transpose=True, mask=mask)
+                h, stats = self._bsolver(prob, mask * grad, tol=self.backward_tol,
+                                         max_iter=self.backward_max_iter, **self._bopts)
+                g = grad + op.WT(h)
+            self._record(stats, policy, "backward")
+            return g
+
+        out.register_hook(adjoint_hook)
+
+    def _record(self, stats, policy, phase):
+        if phase == "forward":
+            self.last_stats = stats
+        else:
+            self.last_backward_stats = stats
+        if stats.converged or policy == "ignore":
+            return
+        tol = self.tol if phase == "forward" else self.backward_tol
+        msg = (f"DEQ {phase} solve with {stats.solver} did not converge: residual "
+               f"{stats.residual:.3e} > tol {tol:g} after {stats.iterations} iterations. Hint: "
+               f"raise max_iter, use solver='peaceman_rachford' (converges for every monotone "
+               f"cell), or check the cell's margin (cell.check()).")
+        if policy == "raise":
+            raise DEQConvergenceError(msg)
+        warnings.warn(msg, DEQConvergenceWarning, stacklevel=4)
+
+    def extra_repr(self):
+        s = f"solver={self.solver!r}, tol={self.tol:g}, max_iter={self.max_iter}"
+        if self.backward_solver != self.solver:
+            s += f", backward_solver={self.backward_solver!r}"
+        if not self.implicit:
+            s += ", implicit=False"
+        return s
