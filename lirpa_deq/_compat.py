@@ -188,8 +188,8 @@ def _maxpool_alpha_spec():
     # 'patches'; use bound_opts={'conv_mode': 'matrix'} there.)
     from auto_LiRPA.operators import BoundMaxPool
 
-    if not hasattr(BoundMaxPool, "init_opt_parameters"):  # upstream: _init_opt_parameters_impl
-        return False
+    if hasattr(BoundMaxPool, "_init_opt_parameters_impl") or "init_opt_parameters" not in vars(BoundMaxPool):
+        return False  # upstream builds MaxPool alpha in _init_opt_parameters_impl with an int spec
     original = BoundMaxPool.init_opt_parameters
 
     @functools.wraps(original)
