@@ -20,7 +20,7 @@ def dense_resolvent(L0: torch.Tensor, alpha: float):
     K = (1 + alpha) * torch.eye(N, dtype=L0.dtype, device=L0.device) - alpha * L0
     Kinv_t = torch.linalg.inv(K).transpose(0, 1)
 
-    def apply(rhs, x0=None):
+    def apply(rhs, x0=None, call_tol=None):
         return (rhs.reshape(rhs.shape[0], -1) @ Kinv_t).view_as(rhs)
 
     return apply
@@ -56,7 +56,8 @@ def cgnr(apply_K, apply_KT, b: torch.Tensor, x0: torch.Tensor, *, tol: float, ma
 
 
 def iterative_resolvent(lin0, lin0_t, alpha: float, *, tol: float, max_iter: int):
-    """Matrix-free resolvent via :func:`cgnr`; ``apply(rhs, x0)`` warm-starts from ``x0``."""
+    """Matrix-free resolvent via :func:`cgnr`; ``apply(rhs, x0, tol)`` warm-starts from ``x0``
+    and may loosen the relative tolerance for one call (inexact outer iterations)."""
 
     def K(x):
         return (1 + alpha) * x - alpha * lin0(x)
@@ -64,7 +65,8 @@ def iterative_resolvent(lin0, lin0_t, alpha: float, *, tol: float, max_iter: int
     def KT(x):
         return (1 + alpha) * x - alpha * lin0_t(x)
 
-    def apply(rhs, x0=None):
-        return cgnr(K, KT, rhs, rhs / (1 + alpha) if x0 is None else x0, tol=tol, max_iter=max_iter)
+    def apply(rhs, x0=None, call_tol=None):
+        t = tol if call_tol is None else max(tol, call_tol)
+        return cgnr(K, KT, rhs, rhs / (1 + alpha) if x0 is None else x0, tol=t, max_iter=max_iter)
 
     return apply

@@ -1,0 +1,194 @@
+"""Solvers: fixed points reached (per sample), agreement, warm starts, stats, registry, errors."""
+import pytest
+import torch
+
+import lirpa_deq.nn as L
+from lirpa_deq.solvers import (SOLVERS, ReLUAffineProblem, SolverStats, anderson, broyden,
+                               default_fb_alpha, fixed_point_iter, forward_backward, get_solver,
+                               peaceman_rachford)
+from test_nn_common import CELL_IDS, CELL_SPECS, fixed_point_residual, make_cell, state_shape
+
+SPEC = dict(zip(CELL_IDS, CELL_SPECS))
+TOL = 1e-7
+CONV_SMALL = (4, 8, 8)  # the brief's small conv case: 4 channels, 8x8
+
+
+def problem_for(cell, batch, seed=0, conv_shape=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch,) + (conv_shape if conv_shape and not hasattr(cell, "n") else state_shape(cell, 1)[1:])
+    u = torch.randn(shape, generator=g, dtype=torch.float64)
+    return ReLUAffineProblem(cell.operator(), u, margin=cell.margin), u
+
+
+def conv4(cid, seed=0):
+    """The cell of kind ``cid`` with 4 channels (for the 4x8x8 conv cases)."""
+    cls = type(make_cell(SPEC[cid]))
+    torch.manual_seed(seed)
+    kw = {"similarity": True} if cid.endswith("-sim") else {}
+    cell = cls(4, dtype=torch.float64, **kw)
+    if kw:
+        with torch.no_grad():
+            cell.s.normal_(0, 0.5)
+    return cell
+
+
+def solve(name, prob, z0=None, **kw):
+    z0 = torch.zeros_like(prob.bias) if z0 is None else z0
+    with torch.no_grad():
+        return get_solver(name)(prob, z0, **kw)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("cid", CELL_IDS)
+def test_fixed_point_reached_every_cell(cid, batch):
+    conv = "Conv" in cid
+    cell = conv4(cid) if conv else make_cell(SPEC[cid])
+    prob, u = problem_for(cell, batch, conv_shape=CONV_SMALL)
+    for name in ("peaceman_rachford", "anderson"):
+        z, st = solve(name, prob, tol=TOL, max_iter=300)
+        assert st.converged, (name, st)
+        assert st.per_sample_residual.shape == (batch,)
+        res = fixed_point_residual(cell, z, u)  # independent recomputation
+        assert float(res.max()) <= TOL * 1.0001
+        torch.testing.assert_close(res, st.per_sample_residual, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("cid", ["MonLinear", "IBPMonLinear-sim", "OrthoLinear", "MonConv2d",
+                                 "IBPMonConv2d", "OrthoConv2d"])
+def test_all_solvers_agree(cid):
+    cell = conv4(cid) if "Conv" in cid else make_cell(SPEC[cid])
+    prob, u = problem_for(cell, 8, seed=1, conv_shape=CONV_SMALL)
+    names = list(SOLVERS)
+    if cell.guarantee == "monotone":  # plain iteration need not converge for monotone W
+        names.remove("fixed_point_iter")
+    sols = {}
+    for name in names:
+        z, st = solve(name, prob, tol=1e-9, max_iter=3000)
+        assert st.converged, (name, st)
+        sols[name] = z
+    ref = sols["peaceman_rachford"]
+    for name, z in sols.items():
+        torch.testing.assert_close(z, ref, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_warm_start_from_solution(name):
+    cell = make_cell(SPEC["IBPMonLinear"])
+    prob, u = problem_for(cell, 16)
+    z_star, _ = solve("peaceman_rachford", prob, tol=1e-9, max_iter=200)
+    _, st = solve(name, prob, z0=z_star, tol=1e-6, max_iter=50)
+    assert st.converged and st.iterations <= 1
+    # a nearby input (the serialized-smoothing situation) needs far fewer steps than a cold start
+    near = ReLUAffineProblem(prob.op, u + 1e-3 * torch.randn_like(u), margin=cell.margin)
+    _, warm = solve(name, near, z0=z_star, tol=1e-6, max_iter=200)
+    _, cold = solve(name, near, tol=1e-6, max_iter=200)
+    assert warm.converged and cold.converged
+    assert warm.iterations < cold.iterations
+
+
+def test_converged_samples_are_frozen_and_stats_honest():
+    cell = make_cell(SPEC["MonLinear"])
+    prob, u = problem_for(cell, 4)
+    z_star, _ = solve("peaceman_rachford", prob, tol=1e-10, max_iter=500)
+    z0 = z_star.clone()
+    z0[2:] = 0  # samples 0, 1 start converged
+    z, st = solve("anderson", prob, z0=z0, tol=1e-8, max_iter=100)
+    assert torch.equal(z[:2], z_star[:2])
+    assert st.converged and st.iterations > 0
+    assert isinstance(st, SolverStats) and st.solver == "anderson" and st.tol == 1e-8
+    assert st.residual == pytest.approx(float(st.per_sample_residual.max()))
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_nonconvergence_is_reported(name):
+    cell = make_cell(SPEC["MonLinear"], scale=1.0)
+    prob, _ = problem_for(cell, 3)
+    z, st = solve(name, prob, tol=1e-14, max_iter=1)
+    assert not st.converged and st.iterations == 1
+    res = fixed_point_residual(cell, z, prob.bias)
+    torch.testing.assert_close(res, st.per_sample_residual, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [fixed_point_iter, anderson, broyden])
+def test_generic_solvers_on_a_plain_map(fn):
+    torch.manual_seed(0)
+    b = torch.randn(5, 3, 2, dtype=torch.float64)
+    f = lambda z: 0.5 * torch.cos(z) + b  # noqa: E731  (a contraction, not a DEQ cell)
+    z, st = fn(f, torch.zeros_like(b), tol=1e-10, max_iter=200)
+    assert st.converged
+    torch.testing.assert_close(z, f(z), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("fn", [forward_backward, peaceman_rachford])
+def test_splitting_solvers_need_the_problem(fn):
+    with pytest.raises(TypeError, match="ReLUAffineProblem"):
+        fn(lambda z: z, torch.zeros(2, 3))
+
+
+def test_registry_and_unknown_names():
+    assert set(SOLVERS) == {"anderson", "broyden", "fixed_point_iter", "forward_backward",
+                            "peaceman_rachford"}
+    assert get_solver("anderson") is anderson
+    with pytest.raises(ValueError, match=r"unknown solver 'newton'.*anderson.*peaceman_rachford"):
+        get_solver("newton")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(tol=-1.0), "tol must be"), (dict(max_iter=0), "max_iter must be"),
+    (dict(max_iter=2.5), "max_iter must be")])
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_bad_common_arguments(name, kw, match):
+    prob, _ = problem_for(make_cell(SPEC["IBPMonLinear"]), 2)
+    with pytest.raises(ValueError, match=match):
+        solve(name, prob, **kw)
+
+
+@pytest.mark.parametrize("name, kw", [("anderson", dict(m=0)), ("anderson", dict(damping=0)),
+                                      ("broyden", dict(memory=0)), ("fixed_point_iter", dict(damping=2)),
+                                      ("forward_backward", dict(alpha=-1.0)),
+                                      ("peaceman_rachford", dict(alpha=0.0))])
+def test_bad_solver_options(name, kw):
+    prob, _ = problem_for(make_cell(SPEC["IBPMonLinear"]), 2)
+    with pytest.raises(ValueError):
+        solve(name, prob, **kw)
+
+
+def test_forward_backward_default_step():
+    ortho = make_cell(SPEC["OrthoLinear"])
+    prob, _ = problem_for(ortho, 2)
+    assert default_fb_alpha(prob) == 1.0  # contraction: plain iteration is certified
+    mon = make_cell(SPEC["MonLinear"], scale=1.0)
+    prob, _ = problem_for(mon, 2)
+    a = default_fb_alpha(prob)
+    Wd = mon.operator().dense()
+    IW = torch.eye(Wd.shape[0], dtype=Wd.dtype) - Wd
+    assert 0 < a <= 2 * mon.margin / float(torch.linalg.svdvals(IW).max()) ** 2
+    with pytest.raises(ValueError, match="margin"):
+        default_fb_alpha(ReLUAffineProblem(mon.operator(), prob.bias))
+
+
+def test_adjoint_problem_with_mask():
+    """The backward system h = D (W^T h + g) is solved by every solver."""
+    cell = make_cell(SPEC["MonLinear"])
+    op = cell.operator()
+    torch.manual_seed(1)
+    g = torch.randn(6, cell.n, dtype=torch.float64)
+    mask = (torch.rand_like(g) > 0.4).to(g.dtype)
+    prob = ReLUAffineProblem(op, g, margin=cell.margin, transpose=True, mask=mask)
+    Wd = op.dense().detach()
+    # direct solve: (I - D W^T) h = D g
+    I = torch.eye(cell.n, dtype=g.dtype)
+    expected = torch.stack([torch.linalg.solve(I - torch.diag(m) @ Wd.T, m * gi) for m, gi in zip(mask, g)])
+    for name in ("peaceman_rachford", "forward_backward", "anderson", "broyden"):
+        h, st = solve(name, prob, z0=mask * g, tol=1e-11, max_iter=3000)
+        assert st.converged, name
+        torch.testing.assert_close(h, expected, rtol=0, atol=1e-8)
+
+
+def test_float32_solvers():
+    cell = L.IBPMonConv2d(3)
+    u = torch.randn(4, 3, 6, 5)
+    prob = ReLUAffineProblem(cell.operator(), u, margin=cell.margin)
+    for name in SOLVERS:
+        z, st = solve(name, prob, tol=1e-4, max_iter=100)
+        assert z.dtype == torch.float32 and st.converged, name
