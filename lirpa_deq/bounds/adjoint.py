@@ -47,35 +47,55 @@ def _d_nu(nu, aL, aU):
     return torch.where(nu >= 0, aL, aU)
 
 
-def _flat_spec(A, batch):
-    """(spec, batch, *state) -> (spec * batch, *state) views of last_A and the relaxation."""
-    return A.reshape(-1, *A.shape[2:])
-
-
-def adjoint_lower(g, op, relax, box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
-    """Sound lower bound of g^T z* in the form (A_u, bias): g^T z* >= <A_u, u> + bias.
-
-    g: (spec, B, *state). relax: (aL, aU, t) each (B, *state). box: (lo, hi) each (B, *state).
-    Returns A_u (spec, B, *state), bias (spec, B), and the final adjoint residual (max |r|)."""
-    spec, batch = g.shape[:2]
-    aL, aU, t = (x.unsqueeze(0).expand(spec, *x.shape).reshape(-1, *x.shape[1:]) for x in relax)
-    lo, hi = (x.unsqueeze(0).expand(spec, *x.shape).reshape(-1, *x.shape[1:]) for x in box)
-    gf = _flat_spec(g, batch)
-    nu = gf
-    for _ in range(max_iter):
-        nu_next = gf + op.WT(_d_nu(nu, aL, aU) * nu)
-        done = float((nu_next - nu).abs().max()) <= tol * (1 + float(nu_next.abs().max()))
-        nu = nu_next
-        if done:
-            break
+def _lower_terms(nu, nu_next, gf, aL, aU, t, box, u_box):
+    """For one adjoint iterate nu (with nu_next = g + W^T D_nu nu, so r = nu - nu_next): the
+    coefficient A_u, the bias, and the concrete value of the bound over the u box (for picking)."""
+    lo, hi = box
     d = _d_nu(nu, aL, aU)
     A_u = d * nu
-    r = nu - gf - op.WT(A_u)
+    r = nu - nu_next
     c, rad = (hi + lo) / 2, (hi - lo) / 2
     residual_term = -(r * c).flatten(1).sum(1) - (r.abs() * rad).flatten(1).sum(1)
-    beta_term = (torch.where(nu < 0, nu * t, torch.zeros_like(nu))).flatten(1).sum(1)
-    bias = (beta_term + residual_term).view(spec, batch)
-    return A_u.view(g.shape), bias, float(r.abs().max()) if r.numel() else 0.0
+    beta_term = torch.where(nu < 0, nu * t, torch.zeros_like(nu)).flatten(1).sum(1)
+    bias = beta_term + residual_term
+    u_c, u_r = (u_box[1] + u_box[0]) / 2, (u_box[1] - u_box[0]) / 2
+    value = (A_u * u_c).flatten(1).sum(1) - (A_u.abs() * u_r).flatten(1).sum(1) + bias
+    return A_u, bias, value
+
+
+def adjoint_lower(g, op, relax, box, u_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
+    """Sound lower bound of g^T z* in the form (A_u, bias): g^T z* >= <A_u, u> + bias.
+
+    g: (spec, B, *state). relax: (aL, aU, t), box: (lo, hi), u_box: (u_lo, u_hi), each (B, *state).
+    Iterates the adjoint fixed point from nu = g; every iterate gives a sound bound, and per
+    specification row the iterate with the best concrete value over the u box is kept (so a
+    diverging iteration, e.g. on MonDEQ cells with rho(|W|) > 1, cannot make things worse than
+    its best iterate). Returns A_u (spec, B, *state), bias (spec, B), the number of iterations."""
+    spec, batch = g.shape[:2]
+    rep = lambda x: x.unsqueeze(0).expand(spec, *x.shape).reshape(-1, *x.shape[1:])  # noqa: E731
+    aL, aU, t = (rep(x) for x in relax)
+    box, u_box = tuple(rep(x) for x in box), tuple(rep(x) for x in u_box)
+    gf = g.reshape(-1, *g.shape[2:])
+    view = (-1,) + (1,) * (gf.dim() - 1)
+    nu = gf
+    best = None
+    iterations = 0
+    for iterations in range(1, max_iter + 2):
+        nu_next = gf + op.WT(_d_nu(nu, aL, aU) * nu)
+        A_u, bias, value = _lower_terms(nu, nu_next, gf, aL, aU, t, box, u_box)
+        if best is None:
+            best = [A_u, bias, value]
+        else:
+            better = value > best[2]
+            best[0] = torch.where(better.view(view), A_u, best[0])
+            best[1] = torch.where(better, bias, best[1])
+            best[2] = torch.where(better, value, best[2])
+        step = float((nu_next - nu).abs().max()) if nu.numel() else 0.0
+        if iterations > max_iter or step <= tol * (1 + float(nu_next.abs().max())) \
+                or not torch.isfinite(nu_next).all():
+            break
+        nu = nu_next
+    return best[0].view(g.shape), best[1].view(spec, batch), iterations
 
 
 def deq_bound_backward(node, last_lA, last_uA, *x, **kwargs):
@@ -107,7 +127,8 @@ def deq_bound_backward(node, last_lA, last_uA, *x, **kwargs):
         if isinstance(last_A, Patches):
             last_A = last_A.to_matrix(u_lo.shape) if hasattr(last_A, "to_matrix") else _patches_to_matrix(last_A, u_lo.shape)
         with torch.no_grad():
-            A_u, bias, _ = adjoint_lower(sign * last_A, op, relax, (lo, hi), max_iter=max_iter, tol=tol)
+            A_u, bias, _ = adjoint_lower(sign * last_A, op, relax, (lo, hi), (u_lo.detach(), u_hi.detach()),
+                                         max_iter=max_iter, tol=tol)
         return sign * A_u, sign * bias
 
     lA, lbias = one_side(last_lA, 1.0)

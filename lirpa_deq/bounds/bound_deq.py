@@ -18,7 +18,8 @@ import dataclasses
 import torch
 from auto_LiRPA.operators import Bound
 
-from .interval import IntervalOptions, prove_interval_fixed_point
+from .ball_box import monotone_ball_box
+from .interval import IntervalOptions, IntervalProofError, interval_step, prove_interval_fixed_point
 from .implicit import differentiable_interval_step
 from .node import lookup_layer, parameter_names
 
@@ -38,6 +39,15 @@ def deq_options(options):
     return interval, adjoint
 
 
+def _same(key_a, key_b):
+    """Equal cache keys: same shapes and values of the injection bounds and parameters."""
+    flat_a = [key_a[0], key_a[1], *key_a[2]]
+    flat_b = [key_b[0], key_b[1], *key_b[2]]
+    return len(flat_a) == len(flat_b) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        for a, b in zip(flat_a, flat_b))
+
+
 class BoundDEQ(Bound):
     """Bound of a DEQ fixed-point node; see the module docstring."""
 
@@ -48,6 +58,8 @@ class BoundDEQ(Bound):
         self.nonlinear = True
         self.interval_options, self.adjoint_options = deq_options(options)
         self.box = None  # last proved (lo, hi) of z*, reused by bound_backward
+        self.box_info = {}
+        self._box_key = None
 
     @property
     def deq(self):
@@ -72,15 +84,30 @@ class BoundDEQ(Bound):
                     "layers outside the DEQ instead.")
 
     def interval_box(self, u_lo, u_hi, params):
-        """The proved box of z* for u in [u_lo, u_hi] (no gradients); caches it in ``self.box``."""
+        """The proved box of z* for u in [u_lo, u_hi] (no gradients), cached for repeated calls
+        within one compute_bounds. Tries the interval post-fixpoint; if that cannot be proved and
+        ``IntervalOptions.fallback`` allows, uses the monotone-ball box (always provable for the
+        cells' guarantee, looser). ``self.box_info['box']`` says which one was used."""
+        u_lo, u_hi = u_lo.detach(), u_hi.detach()
+        detached = {k: v.detach() for k, v in params.items()}
+        key = (u_lo, u_hi, tuple(detached.values()))
+        if self._box_key is not None and _same(self._box_key, key):
+            return self.box
         deq = self.deq
         with torch.no_grad():
-            op = deq.cell.operator({k: v.detach() for k, v in params.items()})
+            op = deq.cell.operator(detached)
             op.prepare(tuple(u_lo.shape[1:]))
-            z_mid = deq.solve((u_lo + u_hi).detach() / 2, params={k: v.detach() for k, v in params.items()})
-            lo, hi, info = prove_interval_fixed_point(op, u_lo.detach(), u_hi.detach(), z_start=z_mid,
-                                                      opts=self.interval_options)
-        self.box, self.box_info = (lo, hi), info
+            z_mid = deq.solve((u_lo + u_hi) / 2, params=detached)
+            try:
+                lo, hi, info = prove_interval_fixed_point(op, u_lo, u_hi, z_start=z_mid,
+                                                          opts=self.interval_options)
+                info["box"] = "interval-post-fixpoint"
+            except IntervalProofError as err:
+                if not self.interval_options.fallback:
+                    raise
+                lo, hi = monotone_ball_box(op, deq.cell.margin, u_lo, u_hi, z_mid)
+                info = {"box": "monotone-ball", "interval_error": str(err)}
+        self.box, self.box_info, self._box_key = (lo, hi), info, key
         return lo, hi
 
     def interval_propagate(self, *v):
@@ -90,7 +117,11 @@ class BoundDEQ(Bound):
         lo, hi = self.interval_box(u_lo, u_hi, params)
         op = self.deq.cell.operator(params)  # with grad: training differentiates the bound
         op.prepare(tuple(u_lo.shape[1:]))
-        return differentiable_interval_step(op, lo, hi, u_lo, u_hi)
+        if self.box_info["box"] == "interval-post-fixpoint":
+            return differentiable_interval_step(op, lo, hi, u_lo, u_hi)
+        # monotone-ball box: one interval step intersected with it (sound; plain gradients)
+        a, b = interval_step(op, lo, hi, u_lo, u_hi)
+        return torch.maximum(a, lo), torch.minimum(b, hi)
 
     # ---------------------------------------------------------------------------- backward
     def bound_backward(self, last_lA, last_uA, *x, **kwargs):

@@ -44,6 +44,8 @@ class IntervalOptions:
     Inflations are multiplied by 10 at each retry.
     retries: proof attempts (each after ``retry_iters`` more plain interval steps).
     tighten_steps: interval steps applied after the proof (each keeps soundness).
+    fallback: when no post-fixpoint is found, use the looser monotone-ball box
+    (lirpa_deq.bounds.ball_box) instead of raising IntervalProofError.
     """
 
     solver: str = "anderson"
@@ -54,6 +56,7 @@ class IntervalOptions:
     retries: int = 4
     retry_iters: int = 20
     tighten_steps: int = 2
+    fallback: bool = True
 
     def __post_init__(self):
         get_solver(self.solver)  # validates the name
