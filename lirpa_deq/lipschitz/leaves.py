@@ -1,0 +1,109 @@
+"""Exact / partial enumeration of the unstable DEQ neurons' relu' values (the k-dim reduced problem).
+
+Reduced problem (``schur.py`` derives it): for ``d`` in ``[0, 1]^k`` (relu' of the k unstable
+neurons) the gradient row is ``g(d) = g0 + alpha(d)^T G`` where ``alpha(d)`` is the unique solution
+of ``alpha = d o (w0 + P alpha)``. We bound ``sup_d ||g(d)||_dual``.
+
+Leaves: the ``m`` most influential neurons are fixed to 0 or 1 in all ``2^m`` ways (``t``: fixed to
+1, ``f``: free). In a leaf, ``alpha = a + Minv F phi`` with ``Minv = (I - T P)^-1``,
+``a = Minv (t o w0)`` and ``phi`` (the free neurons' values) solving
+``phi = d_F o (b + Pf phi)``, ``b = f o (w0 + P a)``, ``Pf = F P Minv F``. A box of ``phi`` is
+found by interval iteration and PROVED by a post-fixpoint check (``Phi(box) within box`` for every
+``d_F`` in ``[0,1]``: Brouwer + uniqueness). Then ``g = g0 + a^T G + phi^T (Minv F)^T G`` and the
+dual norm over the box is bounded coordinatewise (exact when no neuron is free).
+
+Why leaves suffice: fixing all but one ``d_i``, ``t -> g(d)`` moves along a line segment
+monotonically (a rank-one update: ``alpha(t) = alpha(0) + psi(t) q`` with a scalar monotone
+``psi``), so a convex norm is maximal at ``d_i`` in {0, 1}; by induction the supremum over the cube
+is the maximum over its vertices, and every vertex lies in exactly one leaf.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _dual_rows(a, norm):
+    return a.sum(-1) if norm == math.inf else a.pow(2).sum(-1).sqrt()
+
+
+def _phi_box(b, Pf, f, iters=300, retries=3):
+    """Proved box (c, r) of phi, shapes (L, K, k); rows whose proof fails get r = inf."""
+    absPf = Pf.abs()
+    c = torch.zeros_like(b)
+    r = torch.zeros_like(b)
+    u = torch.finfo(b.dtype).eps
+    k = b.shape[-1]
+
+    def step(c, r):
+        wc = b + c @ Pf.transpose(1, 2)
+        wr = r @ absPf.transpose(1, 2)
+        slack = (k + 4) * u * (b.abs() + (c.abs() + r) @ absPf.transpose(1, 2))
+        lo, hi = (wc - wr - slack).clamp_max(0), (wc + wr + slack).clamp_min(0)
+        return (lo + hi) / 2 * f.unsqueeze(1), (hi - lo) / 2 * f.unsqueeze(1), lo, hi
+
+    for _ in range(iters):
+        c2, r2, _, _ = step(c, r)
+        done = bool(((c2 - c).abs() + (r2 - r).abs()).max() <= 1e-15 * (1 + float((c2.abs() + r2).max())))
+        c, r = c2, r2
+        if done:
+            break
+    ok = torch.zeros(b.shape[:2], dtype=torch.bool, device=b.device)
+    out_r = torch.full_like(r, math.inf)
+    pad = 1e-12 * (1 + (c.abs() + r).amax(-1, keepdim=True))
+    for _ in range(retries):
+        bc, br = c, r * (1 + 1e-9) + pad * f.unsqueeze(1)
+        _, _, lo, hi = step(bc, br)
+        inside = ((lo >= (bc - br) * f.unsqueeze(1)) & (hi <= (bc + br) * f.unsqueeze(1)) | (f.unsqueeze(1) == 0))
+        good = inside.all(-1) & ~ok
+        out_r = torch.where(good.unsqueeze(-1), br, out_r)
+        ok |= good
+        pad = pad * 1e3
+    return c, out_r
+
+
+@torch.no_grad()
+def leaf_bound(w0, P, g0, G, norm, max_leaves=1024, chunk=64):
+    """(V, alpha_max, leaves): ``V`` (K,) >= sup over d of ||g(d)||_dual (before the rounding
+    margin added by the caller), ``alpha_max`` (K, k) >= |alpha(d)| for all d, and the number of
+    leaves. w0 (K, k), P (k, k), g0 (K, dx), G (k, dx); float64."""
+    K, k = w0.shape
+    if k == 0:
+        return _dual_rows(g0.abs(), norm), w0.new_zeros(K, 0), 1
+    eye = torch.eye(k, dtype=P.dtype, device=P.device)
+    # root (everything free): influence of each neuron = its value range x its row of G
+    root_c, root_r = _phi_box(w0.unsqueeze(0) * 1.0, P.unsqueeze(0), torch.ones(1, k, dtype=P.dtype, device=P.device))
+    infl = (root_c.abs() + root_r)[0].amax(0) * G.abs().sum(1)
+    infl = torch.where(torch.isfinite(infl), infl, torch.full_like(infl, 1e300))
+    m = min(k, int(math.log2(max(1, max_leaves))))
+    split = torch.argsort(infl, descending=True)[:m]
+    L = 1 << m
+    bits = ((torch.arange(L, device=P.device).unsqueeze(1) >> torch.arange(m, device=P.device)) & 1).to(P.dtype)
+    V = torch.full((K,), -math.inf, dtype=P.dtype, device=P.device)
+    amax = torch.zeros(K, k, dtype=P.dtype, device=P.device)
+    for s in range(0, L, chunk):
+        bt = bits[s:s + chunk]
+        n = bt.shape[0]
+        t = torch.zeros(n, k, dtype=P.dtype, device=P.device)
+        t[:, split] = bt
+        f = torch.ones(n, k, dtype=P.dtype, device=P.device)
+        f[:, split] = 0
+        Minv = torch.linalg.inv(eye - t.unsqueeze(2) * P.unsqueeze(0))       # (n, k, k)
+        a = (t.unsqueeze(1) * w0.unsqueeze(0)) @ Minv.transpose(1, 2)        # (n, K, k)
+        b = (w0.unsqueeze(0) + a @ P.T) * f.unsqueeze(1)
+        MF = Minv * f.unsqueeze(1)                                           # Minv diag(f)
+        Pf = f.unsqueeze(2) * (P.unsqueeze(0) @ MF)
+        pc, pr = _phi_box(b, Pf, f)
+        bad = ~torch.isfinite(pr).all(-1)                                    # (n, K): no proof
+        pr = torch.where(bad.unsqueeze(-1), torch.zeros_like(pr), pr)
+        Tm = MF.transpose(1, 2) @ G                                          # (n, k, dx)
+        gc = g0.unsqueeze(0) + a @ G + pc @ Tm
+        gr = pr @ Tm.abs()
+        val = torch.where(bad, torch.full_like(bad, math.inf, dtype=P.dtype),
+                          _dual_rows(gc.abs() + gr, norm))
+        V = torch.maximum(V, val.amax(0))
+        al = (a + pc @ MF.transpose(1, 2)).abs() + pr @ MF.abs().transpose(1, 2)
+        al = torch.where(bad.unsqueeze(-1), torch.full_like(al, math.inf), al)
+        amax = torch.maximum(amax, al.amax(0))
+    return V, amax, L
