@@ -72,3 +72,67 @@ def test_crown_tighter_than_ibp_on_ibp_mondeq():
         ratios.append(float(width_c / (iub - ilb).mean()))
     assert max(ratios) <= 1.0 + 1e-9
     assert sum(ratios) / len(ratios) < 0.8, ratios
+
+
+def conv_after_deq_model():
+    # the Conv after the DEQ makes auto_LiRPA hand the node Patches coefficients (conv_mode 'patches')
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1),
+                         DEQ(IBPMonConv2d(3), solver="fixed_point_iter", tol=1e-10, max_iter=500),
+                         nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)).double()
+
+
+def test_patches_coefficients_sound_and_return_A_reconstructs():
+    model = conv_after_deq_model()
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    eps = 0.05
+    bounded = BoundedModule(model, x)
+    bx = BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=eps))
+    final, inp = bounded.final_name, bounded.input_name[0]
+    lb, ub, A = bounded.compute_bounds(x=(bx,), method="CROWN", return_A=True, needed_A_dict={final: [inp]})
+    assert_sound(model, x, eps, lb, ub, atol=ATOL, n_samples=100, pgd_steps=10)
+    entry = A[final][inp]
+    xf = x.flatten(1).unsqueeze(-1)
+    recon_l = (entry["lA"].flatten(2) @ xf).squeeze(-1) - eps * entry["lA"].flatten(2).abs().sum(-1) + entry["lbias"]
+    recon_u = (entry["uA"].flatten(2) @ xf).squeeze(-1) + eps * entry["uA"].flatten(2).abs().sum(-1) + entry["ubias"]
+    torch.testing.assert_close(recon_l, lb, atol=1e-5, rtol=0)
+    torch.testing.assert_close(recon_u, ub, atol=1e-5, rtol=0)
+
+
+def test_intermediate_bounds_after_the_deq_use_crown():
+    """A ReLU after the DEQ needs bounds of the DEQ's successor; under CROWN they come from the
+    backward pass through the DEQ node, and are tighter than IBP's."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12),
+                          DEQ(IBPMonLinear(12), solver="fixed_point_iter", tol=1e-10, max_iter=500),
+                          nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    bounded = BoundedModule(model, x)
+    bx = BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.05))
+    widths = {}
+    for method in ("IBP", "CROWN"):
+        lb, ub = bounded.compute_bounds(x=(bx,), method=method)
+        assert_sound(model, x, 0.05, lb, ub, atol=ATOL, n_samples=100, pgd_steps=10)
+        relu = next(m for m in bounded.modules() if type(m).__name__ == "BoundRelu")
+        pre = relu.inputs[0]
+        widths[method] = float((pre.upper - pre.lower).mean())
+    assert widths["CROWN"] < widths["IBP"]
+
+
+def test_forward_plus_backward_where_applicable():
+    """method='forward+backward' works when no forward-mode bound of the DEQ is needed (the DEQ's
+    own bounds then come from the backward pass) and is refused clearly when it is."""
+    model = fc_model(0)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    lb, ub = _bounds(model, x, 0.05, "forward+backward")
+    assert_sound(model, x, 0.05, lb, ub, atol=ATOL, n_samples=100, pgd_steps=10)
+    torch.manual_seed(0)
+    deeper = nn.Sequential(nn.Flatten(), nn.Linear(16, 8),
+                           DEQ(IBPMonLinear(8), solver="fixed_point_iter", tol=1e-10, max_iter=500),
+                           nn.ReLU(), nn.Linear(8, 3)).double()
+    try:
+        lb, ub = _bounds(deeper, x, 0.05, "forward+backward")
+    except NotImplementedError as err:
+        assert "forward-mode" in str(err)
+    else:
+        assert_sound(deeper, x, 0.05, lb, ub, atol=ATOL, n_samples=100, pgd_steps=10)

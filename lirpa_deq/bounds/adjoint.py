@@ -125,7 +125,7 @@ def deq_bound_backward(node, last_lA, last_uA, *x, **kwargs):
         if last_A is None:
             return None, 0
         if isinstance(last_A, Patches):
-            last_A = last_A.to_matrix(u_lo.shape) if hasattr(last_A, "to_matrix") else _patches_to_matrix(last_A, u_lo.shape)
+            last_A = _patches_to_dense(last_A, u_lo.shape)
         with torch.no_grad():
             A_u, bias, _ = adjoint_lower(sign * last_A, op, relax, (lo, hi), (u_lo.detach(), u_hi.detach()),
                                          max_iter=max_iter, tol=tol)
@@ -136,8 +136,11 @@ def deq_bound_backward(node, last_lA, last_uA, *x, **kwargs):
     return [(lA, uA)] + [(None, None)] * len(param_nodes), lbias, ubias
 
 
-def _patches_to_matrix(patches, input_shape):
+def _patches_to_dense(patches, state_shape):
+    """auto_LiRPA Patches (conv-mode coefficients) -> dense (spec, batch, *state), as
+    auto_LiRPA's own BoundReshape does: patches_to_matrix gives (batch, spec, *state)."""
     from auto_LiRPA.patches import patches_to_matrix
 
-    return patches_to_matrix(patches.patches, input_shape, patches.stride, patches.padding,
-                             patches.output_shape, patches.unstable_idx)
+    dense = patches_to_matrix(patches.patches, state_shape[1:], patches.stride, patches.padding,
+                              patches.output_shape, patches.unstable_idx)
+    return dense.transpose(0, 1)
