@@ -65,7 +65,7 @@ def test_implicit_matches_unrolled(cid):
     grads = []
     runs = [(True, "anderson"), (False, "forward_backward")]
     if "Linear" in cid:  # unrolling PR through CG (conv) is slow; fc PR is a dense inverse
-        runs.append((False, "peaceman_rachford"))
+        runs += [(False, "peaceman_rachford"), (False, "broyden"), (False, "anderson")]
     for implicit, solver in runs:
         deq = DEQ(cell, solver=solver, tol=1e-12, max_iter=5000, implicit=implicit,
                   on_nonconvergence="raise")

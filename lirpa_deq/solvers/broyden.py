@@ -8,25 +8,32 @@ from .stats import Tracker, batch_mask, per_sample_residual
 
 
 class _InverseJacobian:
-    """``Binv = -I + sum_i u_i v_i^T`` per sample, stored as low-rank factors ``(B, N)``.
+    """``Binv = -I + sum_i u_i v_i^T`` per sample; factors ``U, V`` of shape ``(B, k, N)``.
 
-    Starting from ``-I`` makes the first step a plain fixed-point step.
+    Starting from ``-I`` makes the first step a plain fixed-point step. The sum does not depend
+    on the order of the pairs, so without autograd the factors live in preallocated ring
+    buffers (the oldest pair is overwritten: limited memory); with autograd they are grown by
+    ``cat`` instead, because in-place writes would invalidate tensors saved for backward.
     """
 
     def __init__(self, memory: int):
-        self.memory, self.us, self.vs = memory, [], []
+        self.memory, self.U, self.V, self.count = memory, None, None, 0
+
+    def _factors(self):
+        k = min(self.count, self.memory)
+        return self.U[:, :k], self.V[:, :k]
 
     def mv(self, x):      # Binv x
-        out = -x
-        for u, v in zip(self.us, self.vs):
-            out = out + bscale(bdot(v, x), u)
-        return out
+        if self.count == 0:
+            return -x
+        U, V = self._factors()
+        return -x + torch.einsum("bk,bkn->bn", torch.einsum("bkn,bn->bk", V, x), U)
 
     def rmv(self, x):     # Binv^T x   (i.e. x^T Binv)
-        out = -x
-        for u, v in zip(self.us, self.vs):
-            out = out + bscale(bdot(u, x), v)
-        return out
+        if self.count == 0:
+            return -x
+        U, V = self._factors()
+        return -x + torch.einsum("bk,bkn->bn", torch.einsum("bkn,bn->bk", U, x), V)
 
     def update(self, s, y):
         """Rank-one update making ``Binv y = s`` (secant condition); skipped where ill-posed."""
@@ -36,11 +43,21 @@ class _InverseJacobian:
         ok = denom.abs() > 1e-12 * (bdot(s, s).sqrt() * bdot(y, y).sqrt()).clamp_min(1e-30)
         safe = torch.where(ok, denom, torch.ones_like(denom))
         u = bscale(ok.to(s.dtype) / safe, s - Binv_y)
-        self.us.append(u)
-        self.vs.append(vT)
-        if len(self.us) > self.memory:  # limited memory: forget the oldest pair
-            self.us.pop(0)
-            self.vs.pop(0)
+        if torch.is_grad_enabled() and (u.requires_grad or vT.requires_grad):
+            keep = self.memory - 1
+            if self.count == 0:
+                self.U, self.V = u.unsqueeze(1), vT.unsqueeze(1)
+            else:
+                self.U = torch.cat([self.U[:, self.U.shape[1] - keep:] if keep else self.U[:, :0], u.unsqueeze(1)], 1)
+                self.V = torch.cat([self.V[:, self.V.shape[1] - keep:] if keep else self.V[:, :0], vT.unsqueeze(1)], 1)
+        else:
+            if self.U is None:
+                self.U = u.new_zeros((u.shape[0], self.memory, u.shape[1]))
+                self.V = torch.zeros_like(self.U)
+            slot = self.count % self.memory
+            self.U[:, slot] = u
+            self.V[:, slot] = vT
+        self.count += 1
 
 
 def broyden(f, z0: torch.Tensor, *, tol: float = 1e-4, max_iter: int = 50, memory: int = 30,

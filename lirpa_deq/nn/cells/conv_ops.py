@@ -27,6 +27,11 @@ def conv3x3_t(g, K):
     return F.conv_transpose2d(g, K, padding=1)
 
 
+def _adjoint_kernel(K):
+    """Kernel of the adjoint of a stride-1, padding-1 3x3 conv (swap channels, flip taps)."""
+    return K.transpose(0, 1).flip(2, 3)
+
+
 def circular_blocks(K: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """DFT blocks ``(H+2, (W+2)//2 + 1, C_out, C_in)`` of the circular conv with kernel ``K``
     on the ``(H+2) x (W+2)`` torus (half spectrum: the rest are complex conjugates). Tap
@@ -132,25 +137,26 @@ class MonConvOperator(_ConvOperatorBase):
     def __init__(self, A: torch.Tensor, B: torch.Tensor, m: float):
         self.A, self.B, self.m = A, B, float(m)
         self.channels = A.shape[0]
-        self._absA, self._absB = None, None
+        # For stride 1 and padding 1, conv_transpose2d(z, K) == conv2d(z, flip(K^T)), exactly
+        # (zero padding included), so B - B^T is ONE conv with kernel B - flip(B^T).
+        self.skew = B - _adjoint_kernel(B)
+        self._absA = self._abs_skew = None
 
     def _abs(self):
         if self._absA is None:
-            self._absA, self._absB = self.A.abs(), self.B.abs()
-        return self._absA, self._absB
+            aB = self.B.abs()
+            self._absA, self._abs_skew = self.A.abs(), aB + _adjoint_kernel(aB)
+        return self._absA, self._abs_skew
 
     def W(self, z):
-        return ((1 - self.m) * z - conv3x3_t(conv3x3(z, self.A), self.A)
-                + conv3x3(z, self.B) - conv3x3_t(z, self.B))
+        return (1 - self.m) * z - conv3x3_t(conv3x3(z, self.A), self.A) + conv3x3(z, self.skew)
 
     def WT(self, g):
-        return ((1 - self.m) * g - conv3x3_t(conv3x3(g, self.A), self.A)
-                - conv3x3(g, self.B) + conv3x3_t(g, self.B))
+        return (1 - self.m) * g - conv3x3_t(conv3x3(g, self.A), self.A) - conv3x3(g, self.skew)
 
     def absW(self, z):
-        aA, aB = self._abs()
-        return (abs(1 - self.m) * z + conv3x3_t(conv3x3(z, aA), aA)
-                + conv3x3(z, aB) + conv3x3_t(z, aB))
+        aA, aS = self._abs()  # aS: kernel of |B| + |B|^T
+        return abs(1 - self.m) * z + conv3x3_t(conv3x3(z, aA), aA) + conv3x3(z, aS)
 
     def absWT(self, g):
         return self.absW(g)  # the bound matrix is symmetric
