@@ -43,6 +43,17 @@ def fc_model(seed, hidden=16, relu=True, scale=1.0, similarity=False):
     return m
 
 
+def deep_model(seed, hidden=14):
+    """IBP-MonDEQ-style injection relu(BN(U x)) and an unstable ReLU after the DEQ as well."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(16, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                      deq(IBPMonLinear(hidden)), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 5)).double()
+    with torch.no_grad():
+        m[2].running_mean.uniform_(-0.3, 0.3)
+        m[2].running_var.uniform_(0.3, 1.5)
+    return m.eval()
+
+
 def conv_model(seed):
     torch.manual_seed(seed)
     m = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), deq(IBPMonConv2d(3)), nn.ReLU(),
@@ -67,7 +78,8 @@ CASES = [  # (model factory, eps, norm)
     (lambda: fc_model(4, scale=6.0, similarity=True), 0.03, math.inf),  # large weights
     (lambda: fc_model(5), 0.1, 2), (lambda: fc_model(6, relu=False, hidden=20), 0.5, 2),
     (lambda: conv_model(0), 0.05, math.inf), (lambda: conv_model(1), 0.5, math.inf),
-    (lambda: conv_model(2), 0.2, 2),
+    (lambda: conv_model(2), 0.2, 2), (lambda: deep_model(0), 0.05, math.inf),
+    (lambda: deep_model(1), 0.2, 2),
 ]
 
 

@@ -64,13 +64,21 @@ def _phi_box(b, Pf, f, iters=300, retries=3):
 
 
 @torch.no_grad()
-def leaf_bound(w0, P, g0, G, norm, max_leaves=1024, chunk=64):
+def leaf_bound(w0, P, g0, G, norm, max_leaves=1024, chunk=64, prefix_norm=None):
     """(V, alpha_max, leaves): ``V`` (K,) >= sup over d of ||g(d)||_dual (before the rounding
     margin added by the caller), ``alpha_max`` (K, k) >= |alpha(d)| for all d, and the number of
-    leaves. w0 (K, k), P (k, k), g0 (K, dx), G (k, dx); float64."""
+    leaves. w0 (K, k), P (k, k), g0 (K, dx), G (k, dx); float64.
+
+    prefix_norm: None, or ``f(centre (L, K, dx), gen (L, k, dx), phi_r (L, K, k)) -> (L, K)``
+    bounding the dual norm of the image of ``{centre + phi^T gen : |phi| <= phi_r}`` (then g0, G
+    live in the space that ``f`` maps, e.g. the DEQ injection)."""
     K, k = w0.shape
+    if prefix_norm is None:
+        def prefix_norm(gc, Tm, pr):
+            return _dual_rows(gc.abs() + pr @ Tm.abs(), norm)
     if k == 0:
-        return _dual_rows(g0.abs(), norm), w0.new_zeros(K, 0), 1
+        Tm = G.new_zeros(1, 0, G.shape[-1])
+        return prefix_norm(g0.unsqueeze(0), Tm, w0.new_zeros(1, K, 0))[0], w0.new_zeros(K, 0), 1
     eye = torch.eye(k, dtype=P.dtype, device=P.device)
     # root (everything free): influence of each neuron = its value range x its row of G
     root_c, root_r = _phi_box(w0.unsqueeze(0) * 1.0, P.unsqueeze(0), torch.ones(1, k, dtype=P.dtype, device=P.device))
@@ -99,9 +107,7 @@ def leaf_bound(w0, P, g0, G, norm, max_leaves=1024, chunk=64):
         pr = torch.where(bad.unsqueeze(-1), torch.zeros_like(pr), pr)
         Tm = MF.transpose(1, 2) @ G                                          # (n, k, dx)
         gc = g0.unsqueeze(0) + a @ G + pc @ Tm
-        gr = pr @ Tm.abs()
-        val = torch.where(bad, torch.full_like(bad, math.inf, dtype=P.dtype),
-                          _dual_rows(gc.abs() + gr, norm))
+        val = torch.where(bad, torch.full_like(bad, math.inf, dtype=P.dtype), prefix_norm(gc, Tm, pr))
         V = torch.maximum(V, val.amax(0))
         al = (a + pc @ MF.transpose(1, 2)).abs() + pr @ MF.abs().transpose(1, 2)
         al = torch.where(bad.unsqueeze(-1), torch.full_like(al, math.inf), al)

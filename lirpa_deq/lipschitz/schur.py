@@ -1,9 +1,12 @@
 """The local method's exact refinement for one dense DEQ: eliminate the stable neurons exactly.
 
-Applies per sample when the model has exactly one DEQ layer, every explicit ReLU is stable over
-the ball for that sample (so the layers before / after the DEQ act as fixed linear maps ``U``,
-``V``), and the DEQ state has at most ``refine_max_state`` entries (a dense ``W``: an fc cell in
-any dtype, or any cell in float64). All algebra is in float64.
+Applies when the model has exactly one DEQ layer whose state has at most ``refine_max_state``
+entries (a dense ``W``: an fc cell in any dtype, or any cell in float64), and the sample's
+``rho(Dbar |W|) < 1`` is proved. All algebra is in float64. The rows ``c'`` come from interval
+propagation through the layers after the DEQ (their radius enters ``rho`` below). If every ReLU
+before the DEQ is stable for the sample, the prefix is one linear map ``U`` and the input
+gradient is handled exactly (below); otherwise ``prefix_zonotope`` carries
+``centre + phi^T gen + box`` through the prefix, relaxing only its unstable ReLUs.
 
 Let ``D0`` be the stable-active mask, ``S`` the k unstable neurons, ``c'`` a specification row
 pulled back through the layers after the DEQ. For every admissible ``D`` (``D0`` off S,
@@ -30,7 +33,7 @@ import math
 
 import torch
 
-from .backprop import affine_back
+from .backprop import affine_back, relu_mult
 from .closed_form import dual_norm
 from .layers import gamma
 from .leaves import leaf_bound
@@ -39,24 +42,65 @@ from .neumann import NonnegOp, neumann_bound
 F64 = torch.float64
 
 
-def _back(layers, shapes, masks, i_from, i_to, gc, gr):
-    """Rows (gc, gr) from the output of layer ``i_from`` back to the input of layer ``i_to``;
-    ReLUs are stable (masks[i]: 0/1 tensor of the sample)."""
+def _back(layers, shapes, region, b, i_from, i_to, gc, gr):
+    """Interval rows (gc, gr) from the output of layer ``i_from`` back to the input of layer
+    ``i_to`` (sample ``b``'s ReLU sets; unstable ReLUs by ``relu_mult``)."""
     for i in range(i_from, i_to - 1, -1):
         if layers[i].kind == "affine":
             gc, gr = affine_back(layers[i], gc, gr, shapes[i])
         else:
-            gc, gr = gc * masks[i], gr * masks[i]
+            lr = region.per_layer[i]
+            gc, gr = relu_mult(gc, gr, lr.active[b:b + 1], lr.inactive[b:b + 1])
     return gc, gr
 
 
-def _abs_back(layers, shapes, masks, i_from, i_to, g):
+def _abs_back(layers, shapes, region, b, i_from, i_to, g):
+    """``|J|^T g`` bound for ``g >= 0`` (ReLU: ``dbar g``)."""
     for i in range(i_from, i_to - 1, -1):
         if layers[i].kind == "affine":
             g = layers[i].abs_t(g, shapes[i]) * (1 + gamma(g.dtype, layers[i].fan_t))
         else:
-            g = g * masks[i]
+            g = g * (~region.per_layer[i].inactive[b:b + 1]).to(g.dtype)
     return g
+
+
+def prefix_zonotope(layers, shapes, region, b, j, norm):
+    """``prefix_norm`` for ``leaves.leaf_bound`` through layers ``j-1 .. 0`` with unstable ReLUs:
+    the row is ``centre + phi^T gen + box`` (``|phi| <= phi_r``). Affine layers map centre and
+    generators exactly (rounding into the box); at a ReLU, stable coordinates are kept or zeroed
+    and unstable ones are replaced by the hull ``[min(0, lo), max(0, hi)]`` of their range (into
+    the box, generators zeroed there)."""
+    def genmag(gen, pr, nL, K):
+        return (pr @ gen.abs().reshape(nL, gen.shape[0] // nL, -1)).reshape(nL * K, *gen.shape[1:])
+
+    def f(gc, Tm, pr):
+        nL, K, k = pr.shape
+        state = shapes[j]
+        c = gc.reshape(nL * K, *state)
+        gen = Tm.reshape(nL * k, *state)
+        box = torch.zeros_like(c)
+        for i in range(j - 1, -1, -1):
+            layer = layers[i]
+            if layer.kind == "affine":
+                mag = c.abs() + box + genmag(gen, pr, nL, K)
+                c, gen = layer.lin_t(c, shapes[i]), layer.lin_t(gen, shapes[i])
+                box = layer.abs_t(box, shapes[i]) + gamma(c.dtype, layer.fan_t) * layer.abs_t(mag, shapes[i])
+            else:
+                lr = region.per_layer[i]
+                act, inact = lr.active[b:b + 1], lr.inactive[b:b + 1]
+                unst = ~(act | inact)
+                spread = genmag(gen, pr, nL, K) + box
+                lo, hi = (c - spread).clamp_max(0), (c + spread).clamp_min(0)
+                hc = (lo + hi) / 2
+                hr = (hi - lo) / 2 + 2 * torch.finfo(c.dtype).eps * torch.maximum(lo.abs(), hi.abs())
+                zero = torch.zeros_like(c)
+                c = torch.where(act, c, torch.where(unst, hc, zero))
+                box = torch.where(act, box, torch.where(unst, hr, zero))
+                gen = gen * act.to(gen.dtype)
+        total = c.abs() + box + genmag(gen, pr, nL, K)
+        return dual_norm(total, norm).view(nL, K)
+
+    return f
 
 
 @torch.no_grad()
@@ -85,25 +129,28 @@ def refine_local(region, shapes, C_rows, norm, max_state=1024, max_leaves=1024, 
     eye = torch.eye(n, dtype=F64, device=Wd.device)
     u64 = torch.finfo(F64).eps
     leaves_used = []
+    relus = [i for i, layer in enumerate(layers) if layer.kind == "relu"]
     for b in range(B):
         rows = slice(b * K, (b + 1) * K)
-        relus = {i: region.per_layer[i] for i, layer in enumerate(layers) if layer.kind == "relu"}
-        if not bool(ok_rows[b * K]) or any(
-                not bool((rl.active[b] | rl.inactive[b]).all()) for rl in relus.values()):
+        if not bool(ok_rows[b * K]):
             continue
-        masks = {i: rl.active[b:b + 1].to(F64) for i, rl in relus.items()}
-        # c' (K, n): the rows pulled back to the DEQ output
-        cc, cr = _back(L64, shapes, masks, len(layers) - 1, j + 1, C_rows[rows].to(F64),
+        pre_stable = all(bool((region.per_layer[i].active[b] | region.per_layer[i].inactive[b]).all())
+                         for i in relus if i < j)
+        # c' (K, n): the rows pulled back to the DEQ output (interval: unstable ReLUs allowed)
+        cc, cr = _back(L64, shapes, region, b, len(layers) - 1, j + 1, C_rows[rows].to(F64),
                        torch.zeros(K, *C_rows.shape[1:], dtype=F64, device=Wd.device))
         cp, cr = cc.reshape(K, n), cr.reshape(K, n)
         D0 = lr.active[b].reshape(n).to(F64)
+        inact = lr.inactive[b].reshape(n)
         S = (~(lr.active[b] | lr.inactive[b])).reshape(n).nonzero().flatten()
         k = S.numel()
         R = torch.linalg.inv(eye - D0.unsqueeze(1) * Wd.T)
         h0 = (D0 * cp) @ R.T
         h0[:, S] = 0
+        h0[:, inact] = 0
         Q = R[:, S].clone()
         Q[S] = torch.eye(k, dtype=F64, device=Wd.device)
+        Q[inact] = 0
         WtQ = Wd.T @ Q
         P = WtQ[S]
         w_full = cp + h0 @ Wd
@@ -113,12 +160,15 @@ def refine_local(region, shapes, C_rows, norm, max_state=1024, max_leaves=1024, 
         gam = gamma(F64, n)
         rho_rows = res0.abs() + gam * (cp.abs() + h0.abs() @ absWd) + cr
         rho_Q = resQ.abs() + gam * (absWd.T @ Q.abs())
-        # prefix: g0 = U^T h0, G = (U^T Q)^T, with their rounding radii
-        hq = torch.cat([h0, Q.T]).reshape(K + k, *state)
-        gq, gqr = _back(L64, shapes, masks, j - 1, 0, hq, torch.zeros_like(hq))
-        gq, gqr = gq.flatten(1), gqr.flatten(1)
-        V, amax, nleaves = leaf_bound(w0=w_full[:, S], P=P, g0=gq[:K], G=gq[K:], norm=norm,
-                                      max_leaves=max_leaves)
+        if pre_stable:  # the prefix is one linear map: g0 = U^T h0, G = (U^T Q)^T, exactly
+            hq = torch.cat([h0, Q.T]).reshape(K + k, *state)
+            gq, gqr = _back(L64, shapes, region, b, j - 1, 0, hq, torch.zeros_like(hq))
+            gq, gqr = gq.flatten(1), gqr.flatten(1)
+            V, amax, nleaves = leaf_bound(w_full[:, S], P, gq[:K], gq[K:], norm, max_leaves)
+        else:  # unstable ReLUs before the DEQ: zonotope-style propagation per leaf
+            V, amax, nleaves = leaf_bound(w_full[:, S], P, h0, Q.T.contiguous(), norm, max_leaves,
+                                          prefix_norm=prefix_zonotope(L64, shapes, region, b, j, norm))
+            gqr = torch.zeros(K + k, 1, dtype=F64, device=Wd.device)
         leaves_used.append(nleaves)
         if not bool(torch.isfinite(V).all()):
             continue
@@ -131,8 +181,8 @@ def refine_local(region, shapes, C_rows, norm, max_state=1024, max_leaves=1024, 
         M, okM = neumann_bound(A, rho_m.reshape(K, *state), v_all[b:b + 1])
         if not bool(okM.all()):
             continue
-        e_x = _abs_back(L64, shapes, masks, j - 1, 0, M.to(F64))
-        e_x = e_x.flatten(1) + gqr[:K] + amax @ gqr[K:]
+        e_x = _abs_back(L64, shapes, region, b, j - 1, 0, M.to(F64)).flatten(1)
+        e_x = e_x + gqr[:K] + amax @ gqr[K:]
         kappa = float(v_all[b].max())
         margin = 1e3 * max(k, 1) ** 2 * u64 * kappa
         total = V * (1 + margin) + dual_norm(e_x, norm)
