@@ -54,6 +54,13 @@ def deep_model(seed, hidden=14):
     return m.eval()
 
 
+def explicit_model(seed):
+    """No DEQ at all: strided conv, ceil-mode pooling, two ReLU layers."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.AvgPool2d(2, ceil_mode=True),
+                         nn.Flatten(), nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+
+
 def conv_model(seed):
     torch.manual_seed(seed)
     m = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), deq(IBPMonConv2d(3)), nn.ReLU(),
@@ -79,7 +86,7 @@ CASES = [  # (model factory, eps, norm)
     (lambda: fc_model(5), 0.1, 2), (lambda: fc_model(6, relu=False, hidden=20), 0.5, 2),
     (lambda: conv_model(0), 0.05, math.inf), (lambda: conv_model(1), 0.5, math.inf),
     (lambda: conv_model(2), 0.2, 2), (lambda: deep_model(0), 0.05, math.inf),
-    (lambda: deep_model(1), 0.2, 2),
+    (lambda: deep_model(1), 0.2, 2), (lambda: explicit_model(0), 0.1, math.inf),
 ]
 
 

@@ -157,6 +157,10 @@ def _options(options):
     if options is None:
         return LipschitzOptions()
     if isinstance(options, dict):
+        valid = {f.name for f in dataclasses.fields(LipschitzOptions)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; valid: {sorted(valid)}")
         return LipschitzOptions(**options)
     if isinstance(options, LipschitzOptions):
         return options

@@ -4,8 +4,9 @@ Reduced problem (``schur.py`` derives it): for ``d`` in ``[0, 1]^k`` (relu' of t
 neurons) the gradient row is ``g(d) = g0 + alpha(d)^T G`` where ``alpha(d)`` is the unique solution
 of ``alpha = d o (w0 + P alpha)``. We bound ``sup_d ||g(d)||_dual``.
 
-Leaves: the ``m`` most influential neurons are fixed to 0 or 1 in all ``2^m`` ways (``t``: fixed to
-1, ``f``: free). In a leaf, ``alpha = a + Minv F phi`` with ``Minv = (I - T P)^-1``,
+Leaves: some neurons are fixed to 0 or 1 (``t``: fixed to 1, ``f``: free), starting from all
+``2^m`` patterns of the most influential ones and refined by branch and bound (``leaf_bound``).
+In a leaf, ``alpha = a + Minv F phi`` with ``Minv = (I - T P)^-1``,
 ``a = Minv (t o w0)`` and ``phi`` (the free neurons' values) solving
 ``phi = d_F o (b + Pf phi)``, ``b = f o (w0 + P a)``, ``Pf = F P Minv F``. A box of ``phi`` is
 found by interval iteration and PROVED by a post-fixpoint check (``Phi(box) within box`` for every
@@ -63,11 +64,41 @@ def _phi_box(b, Pf, f, iters=300, retries=3):
     return c, out_r
 
 
+def _eval(t, f, w0, P, g0, G, prefix_norm):
+    """Bounds of the leaves ``(t, f)`` (each (n, k)): (val (n, K), |alpha| enclosure (n, K, k))."""
+    k = P.shape[0]
+    eye = torch.eye(k, dtype=P.dtype, device=P.device)
+    Minv = torch.linalg.inv(eye - t.unsqueeze(2) * P.unsqueeze(0))       # (n, k, k)
+    a = (t.unsqueeze(1) * w0.unsqueeze(0)) @ Minv.transpose(1, 2)        # (n, K, k)
+    b = (w0.unsqueeze(0) + a @ P.T) * f.unsqueeze(1)
+    MF = Minv * f.unsqueeze(1)                                           # Minv diag(f)
+    Pf = f.unsqueeze(2) * (P.unsqueeze(0) @ MF)
+    if bool((f == 0).all()):
+        pc, pr = torch.zeros_like(b), torch.zeros_like(b)
+    else:
+        pc, pr = _phi_box(b, Pf, f)
+    bad = ~torch.isfinite(pr).all(-1)                                    # (n, K): no proof
+    pr = torch.where(bad.unsqueeze(-1), torch.zeros_like(pr), pr)
+    Tm = MF.transpose(1, 2) @ G                                          # (n, k, dx)
+    gc = g0.unsqueeze(0) + a @ G + pc @ Tm
+    val = torch.where(bad, torch.full_like(bad, math.inf, dtype=P.dtype), prefix_norm(gc, Tm, pr))
+    al = (a + pc @ MF.transpose(1, 2)).abs() + pr @ MF.abs().transpose(1, 2)
+    al = torch.where(bad.unsqueeze(-1), torch.full_like(al, math.inf), al)
+    return val, al
+
+
 @torch.no_grad()
 def leaf_bound(w0, P, g0, G, norm, max_leaves=1024, chunk=64, prefix_norm=None):
     """(V, alpha_max, leaves): ``V`` (K,) >= sup over d of ||g(d)||_dual (before the rounding
     margin added by the caller), ``alpha_max`` (K, k) >= |alpha(d)| for all d, and the number of
-    leaves. w0 (K, k), P (k, k), g0 (K, dx), G (k, dx); float64.
+    leaves evaluated. w0 (K, k), P (k, k), g0 (K, dx), G (k, dx); float64.
+
+    Branch and bound: ``2^m0`` leaves on the most influential neurons (``m0 = log2(max_leaves/2)``),
+    then, while the budget of ``max_leaves`` evaluations lasts, for every row the open leaves
+    with the largest bounds are split on their most influential free neuron (a leaf is closed
+    when it is exact, or when its bound is below the best exact value of a fully fixed leaf for
+    every row). The children's vertices are exactly the parent's, so ``V = max over the current
+    leaves`` stays a bound on the maximum over all vertices.
 
     prefix_norm: None, or ``f(centre (L, K, dx), gen (L, k, dx), phi_r (L, K, k)) -> (L, K)``
     bounding the dual norm of the image of ``{centre + phi^T gen : |phi| <= phi_r}`` (then g0, G
@@ -79,37 +110,60 @@ def leaf_bound(w0, P, g0, G, norm, max_leaves=1024, chunk=64, prefix_norm=None):
     if k == 0:
         Tm = G.new_zeros(1, 0, G.shape[-1])
         return prefix_norm(g0.unsqueeze(0), Tm, w0.new_zeros(1, K, 0))[0], w0.new_zeros(K, 0), 1
-    eye = torch.eye(k, dtype=P.dtype, device=P.device)
-    # root (everything free): influence of each neuron = its value range x its row of G
-    root_c, root_r = _phi_box(w0.unsqueeze(0) * 1.0, P.unsqueeze(0), torch.ones(1, k, dtype=P.dtype, device=P.device))
+    fk = dict(dtype=P.dtype, device=P.device)
+    # influence of each neuron = its value range (root box) x its row of G
+    root_c, root_r = _phi_box(w0.unsqueeze(0) * 1.0, P.unsqueeze(0), torch.ones(1, k, **fk))
     infl = (root_c.abs() + root_r)[0].amax(0) * G.abs().sum(1)
     infl = torch.where(torch.isfinite(infl), infl, torch.full_like(infl, 1e300))
-    m = min(k, int(math.log2(max(1, max_leaves))))
-    split = torch.argsort(infl, descending=True)[:m]
+    order = torch.argsort(infl, descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(k, device=P.device)
+    m = min(k, max(0, int(math.log2(max(1, max_leaves))) - 1))
     L = 1 << m
     bits = ((torch.arange(L, device=P.device).unsqueeze(1) >> torch.arange(m, device=P.device)) & 1).to(P.dtype)
-    V = torch.full((K,), -math.inf, dtype=P.dtype, device=P.device)
-    amax = torch.zeros(K, k, dtype=P.dtype, device=P.device)
-    for s in range(0, L, chunk):
-        bt = bits[s:s + chunk]
-        n = bt.shape[0]
-        t = torch.zeros(n, k, dtype=P.dtype, device=P.device)
-        t[:, split] = bt
-        f = torch.ones(n, k, dtype=P.dtype, device=P.device)
-        f[:, split] = 0
-        Minv = torch.linalg.inv(eye - t.unsqueeze(2) * P.unsqueeze(0))       # (n, k, k)
-        a = (t.unsqueeze(1) * w0.unsqueeze(0)) @ Minv.transpose(1, 2)        # (n, K, k)
-        b = (w0.unsqueeze(0) + a @ P.T) * f.unsqueeze(1)
-        MF = Minv * f.unsqueeze(1)                                           # Minv diag(f)
-        Pf = f.unsqueeze(2) * (P.unsqueeze(0) @ MF)
-        pc, pr = _phi_box(b, Pf, f)
-        bad = ~torch.isfinite(pr).all(-1)                                    # (n, K): no proof
-        pr = torch.where(bad.unsqueeze(-1), torch.zeros_like(pr), pr)
-        Tm = MF.transpose(1, 2) @ G                                          # (n, k, dx)
-        gc = g0.unsqueeze(0) + a @ G + pc @ Tm
-        val = torch.where(bad, torch.full_like(bad, math.inf, dtype=P.dtype), prefix_norm(gc, Tm, pr))
-        V = torch.maximum(V, val.amax(0))
-        al = (a + pc @ MF.transpose(1, 2)).abs() + pr @ MF.abs().transpose(1, 2)
-        al = torch.where(bad.unsqueeze(-1), torch.full_like(al, math.inf), al)
-        amax = torch.maximum(amax, al.amax(0))
-    return V, amax, L
+    t = torch.zeros(L, k, **fk)
+    t[:, order[:m]] = bits
+    f = torch.ones(L, k, **fk)
+    f[:, order[:m]] = 0
+
+    def evaluate(t, f):
+        vals, als = [], []
+        for s in range(0, t.shape[0], chunk):
+            v, a = _eval(t[s:s + chunk], f[s:s + chunk], w0, P, g0, G, prefix_norm)
+            vals.append(v)
+            als.append(a.amax(0))
+        return torch.cat(vals), torch.stack(als).amax(0)
+
+    val, amax = evaluate(t, f)
+    used = L
+    lower = torch.full((K,), -math.inf, **fk)  # best exact vertex values
+    while True:
+        exact = f.sum(1) == 0
+        if exact.any():
+            lower = torch.maximum(lower, val[exact].amax(0))
+        free = ~exact
+        open_ = free & (val > lower * (1 + 1e-9)).any(1)
+        budget = max_leaves - used
+        if not bool(open_.any()) or budget < 2:
+            break
+        # split, for every row, the open leaves with the largest bounds (round robin over rows)
+        vmask = torch.where(open_.unsqueeze(1), val, torch.full_like(val, -math.inf))
+        depth = max(1, min(budget // 2, chunk) // K)
+        top = torch.topk(vmask, min(depth, vmask.shape[0]), dim=0).indices.T.reshape(-1)  # (K*depth,)
+        pick = torch.unique(top[open_[top]])[: max(1, min(budget // 2, chunk))]
+        n_split = pick.numel()
+        # split each picked leaf on its most influential free neuron
+        cand = torch.where(f[pick] > 0, rank.unsqueeze(0).to(P.dtype), torch.full_like(f[pick], math.inf))
+        nxt = cand.argmin(1)
+        t0, f0 = t[pick].clone(), f[pick].clone()
+        f0[torch.arange(n_split), nxt] = 0
+        t1 = t0.clone()
+        t1[torch.arange(n_split), nxt] = 1
+        ct, cf = torch.cat([t0, t1]), torch.cat([f0, f0])
+        cv, ca = evaluate(ct, cf)
+        amax = torch.maximum(amax, ca)
+        used += 2 * n_split
+        keep = torch.ones(t.shape[0], dtype=torch.bool, device=P.device)
+        keep[pick] = False
+        t, f, val = torch.cat([t[keep], ct]), torch.cat([f[keep], cf]), torch.cat([val[keep], cv])
+    return val.amax(0), amax, used
