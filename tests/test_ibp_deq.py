@@ -342,11 +342,7 @@ def test_bounds_shrink_linearly_to_the_point_solution():
     assert (lb <= y32 + 1e-5).all() and (y32 <= ub + 1e-5).all()
 
 
-# -------------------------------------------------------------------- known bugs (xfail)
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="BoundDEQ finds its DEQ layer through a weak registry and BoundedModule keeps "
-                          "no reference to the original model: BoundedModule(make_model(), x) loses "
-                          "the layer once the model is garbage-collected ('no longer exists').")
+# ------------------------------------------------ regressions (bugs found by these tests, fixed)
 def test_bounded_module_keeps_its_deq_layer_alive():
     torch.manual_seed(0)
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64)

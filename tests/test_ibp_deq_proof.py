@@ -103,7 +103,8 @@ def test_proof_rejects_a_box_that_is_not_a_post_fixpoint(monkeypatch, retries):
 
     def zero_direction(op_, shape, like, **kw):
         calls.append(shape)
-        return torch.zeros((1, *shape), dtype=like.dtype)
+        # zero inflation direction with unit margin: no inflation at all
+        return torch.zeros((1, *shape), dtype=like.dtype), torch.ones((1, *shape), dtype=like.dtype)
 
     monkeypatch.setattr(interval_mod, "neumann_direction", zero_direction)
     with pytest.raises(IntervalProofError, match=r"could not prove an interval fixed point"):
@@ -126,7 +127,8 @@ def test_proof_rejects_a_too_narrow_box(monkeypatch):
     stats = type("Stats", (), {"iterations": 0, "residual": 0.0})()
     monkeypatch.setattr(interval_mod, "_search", lambda *a: (n_lo.clone(), n_hi.clone(), stats))
     monkeypatch.setattr(interval_mod, "neumann_direction",
-                        lambda op_, shape, like, **k: torch.zeros((1, *shape), dtype=like.dtype))
+                        lambda op_, shape, like, **k: (torch.zeros((1, *shape), dtype=like.dtype),
+                                                       torch.ones((1, *shape), dtype=like.dtype)))
     opts = IntervalOptions(retries=3, inflate_abs=0.0, inflate_rel=0.0)
     with pytest.raises(IntervalProofError):
         prove_interval_fixed_point(op, u_lo, u_hi, opts=opts)
@@ -275,12 +277,7 @@ def test_perturbed_cell_weights_are_not_supported():
         bm.compute_bounds(x=(ball(x, 0.1),), method="IBP")
 
 
-# -------------------------------------------------------------------- known bugs (xfail)
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BoundDEQ.interval_box caches the proved box keyed on DETACHED VIEWS of the "
-                          "cell parameters; an in-place update (optimizer.step(), p.copy_()) changes "
-                          "the key with the weights, so the next compute_bounds with the same input "
-                          "bounds reuses the box of the OLD weights: unsound bounds.")
+# ------------------------------------------------ regressions (bugs found by these tests, fixed)
 def test_inplace_weight_update_gives_fresh_sound_bounds():
     model = fc_model()
     x = torch.rand(3, 1, 4, 4, dtype=F64)
@@ -295,10 +292,6 @@ def test_inplace_weight_update_gives_fresh_sound_bounds():
     torch.testing.assert_close(lb, flb, rtol=0, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="IntervalOptions accepts solver='forward_backward'/'peaceman_rachford' but "
-                          "the interval search passes a plain function, so compute_bounds crashes "
-                          "with TypeError (should be rejected at construction, or work).")
 def test_splitting_solver_option_is_rejected_early_or_works():
     model, x = fc_model(), torch.rand(2, 1, 4, 4, dtype=F64)
     try:
@@ -310,11 +303,6 @@ def test_splitting_solver_option_is_rejected_early_or_works():
     assert (lb <= y + 1e-8).all() and (y <= ub + 1e-8).all()
 
 
-@pytest.mark.xfail(strict=True, raises=IntervalProofError,
-                   reason="neumann_direction gives up (returns None) once (I-|W|)^-1 1 exceeds 1e8, "
-                          "which a valid IBPMon cell with a wide similarity (S range ~1e10) reaches "
-                          "although rho(|W|) < 0.5; the proof then fails and the error message blames "
-                          "MonDEQ/Ortho cells.")
 def test_ibpmon_with_wide_similarity_is_proved():
     torch.manual_seed(0)
     cell = IBPMonLinear(8, similarity=True).to(F64)

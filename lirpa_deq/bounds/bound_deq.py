@@ -54,6 +54,9 @@ class BoundDEQ(Bound):
     def __init__(self, attr=None, inputs=None, output_index=0, options=None):
         super().__init__(attr, inputs, output_index, options)
         self.deq_key = int(attr["deq"])
+        # a strong reference (kept out of nn.Module registration, so the layer's parameters are not
+        # registered twice): BoundedModule(make_model(), x) must not lose its layer to the GC
+        self._deq_holder = (lookup_layer(self.deq_key),)
         self.requires_input_bounds = [0]  # bounds of u are needed (ReLU relaxation inside)
         self.nonlinear = True
         self.interval_options, self.adjoint_options = deq_options(options)
@@ -63,7 +66,7 @@ class BoundDEQ(Bound):
 
     @property
     def deq(self):
-        return lookup_layer(self.deq_key)
+        return self._deq_holder[0]
 
     def _params(self, values):
         names = parameter_names(self.deq)
@@ -90,7 +93,8 @@ class BoundDEQ(Bound):
         cells' guarantee, looser). ``self.box_info['box']`` says which one was used."""
         u_lo, u_hi = u_lo.detach(), u_hi.detach()
         detached = {k: v.detach() for k, v in params.items()}
-        key = (u_lo, u_hi, tuple(detached.values()))
+        # a SNAPSHOT (clones): in-place weight updates (optimizer.step) must invalidate the cache
+        key = (u_lo.clone(), u_hi.clone(), tuple(v.clone() for v in detached.values()))
         if self._box_key is not None and _same(self._box_key, key):
             return self.box
         deq = self.deq

@@ -26,7 +26,7 @@ import dataclasses
 
 import torch
 
-from ..solvers import get_solver
+from ..solvers import get_solver, requires_problem
 
 
 class IntervalProofError(RuntimeError):
@@ -59,7 +59,10 @@ class IntervalOptions:
     fallback: bool = True
 
     def __post_init__(self):
-        get_solver(self.solver)  # validates the name
+        if requires_problem(get_solver(self.solver)):  # get_solver validates the name
+            raise ValueError(f"IntervalOptions.solver={self.solver!r} is a splitting solver for the point "
+                             "DEQ; the interval system needs a generic one: 'anderson', 'broyden' or "
+                             "'fixed_point_iter'")
         for name in ("tol", "inflate_rel", "inflate_abs"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"IntervalOptions.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -111,20 +114,26 @@ def _search(op, lo, hi, u_lo, u_hi, opts):
     return torch.minimum(lo, hi), torch.maximum(lo, hi), stats
 
 
-def neumann_direction(op, state_shape, like, iters=200, growth_limit=1e8):
-    """v = (I - |W|)^-1 1 (by the series v <- 1 + |W| v), shape (1, *state), or None if the series
-    diverges (rho(|W|) >= 1). It satisfies |W| v = v - 1 < v: inflating a near-fixed box by t v
-    gains a margin of t in every coordinate, which is what makes the post-fixpoint provable."""
+def neumann_direction(op, state_shape, like, iters=500, rtol=1e-6):
+    """(v, mu): v = (I - |W|)^-1 1 by the series v <- 1 + |W| v, shape (1, *state), and its margin
+    mu = v - |W| v (= 1 up to the truncation; recomputed, so nothing is assumed). Returns None when
+    the series does not converge (rho(|W|) >= 1). Inflating a near-fixed box by t v gains t * mu in
+    every coordinate, which is what makes the post-fixpoint provable. Scale-free: with a
+    similarity W = S^-1 W0 S, v can legitimately span many orders of magnitude."""
     one = torch.ones((1, *state_shape), dtype=like.dtype, device=like.device)
     v = one
     for _ in range(iters):
         v_next = one + op.absW(v)
-        if not torch.isfinite(v_next).all() or float(v_next.max()) > growth_limit:
+        if not torch.isfinite(v_next).all():
             return None
-        if float((v_next - v).abs().max()) <= 1e-6 * float(v_next.max()):
-            return v_next
+        if bool(((v_next - v).abs() <= rtol * v_next).all()):
+            # mu = 1 - |W| (v_next - v): near 1 only once the absolute change is small, which for a
+            # wide similarity (v ~ 1e10) takes a few more steps than the relative test
+            mu = v_next - op.absW(v_next)
+            if bool((mu >= 0.5).all()):
+                return v_next, mu
         v = v_next
-    return v
+    return None
 
 
 @torch.no_grad()
@@ -147,12 +156,16 @@ def prove_interval_fixed_point(op, u_lo, u_hi, z_start=None, opts: IntervalOptio
             break
         # inflate by t * direction, t covering the current fixed-point residual of the box
         a, b = interval_step(op, lo, hi, u_lo, u_hi)
-        resid = torch.maximum((a - lo).abs(), (b - hi).abs()).flatten(1).max(1).values
-        size = torch.maximum(lo.abs(), hi.abs()).flatten(1).max(1).values
-        t = scale * (2 * resid + opts.inflate_abs * (1 + size))
+        resid = torch.maximum((a - lo).abs(), (b - hi).abs())
+        size = torch.maximum(lo.abs(), hi.abs())
         if direction is not None:
-            pad = t.view(view) * direction
+            v, mu = direction
+            # t with t * mu >= 2 * residual + floor in every coordinate (per sample)
+            need = (2 * resid + opts.inflate_abs * (1 + size)) / mu
+            t = scale * need.flatten(1).max(1).values
+            pad = t.view(view) * v
         else:  # no Neumann direction (rho(|W|) >= 1): try a relative inflation
+            t = scale * (2 * resid + opts.inflate_abs * (1 + size)).flatten(1).max(1).values
             pad = t.view(view) + scale * opts.inflate_rel * (hi - lo)
         B_lo, B_hi = (lo - pad).clamp_min(0), hi + pad  # z* >= 0 (a ReLU output)
         F_lo, F_hi = interval_step(op, B_lo, B_hi, u_lo, u_hi)
@@ -176,7 +189,9 @@ def prove_interval_fixed_point(op, u_lo, u_hi, z_start=None, opts: IntervalOptio
     raise IntervalProofError(
         "could not prove an interval fixed point (no box B with F(B) ⊆ B found after "
         f"{opts.retries + 1} attempts; search residual {stats.residual:.2e} after "
-        f"{stats.iterations} iterations). Plain interval iteration diverges when rho(|W|) >= 1, "
-        "which is typical of MonDEQ/Ortho cells: use an IBPMonLinear/IBPMonConv2d cell (whose "
+        f"{stats.iterations} iterations; (I - |W|)^-1 1 "
+        f"{'exists' if direction is not None else 'does not converge, so rho(|W|) >= 1'}). "
+        "Plain interval iteration diverges when rho(|W|) >= 1, which is typical of MonDEQ/Ortho "
+        "cells: use an IBPMonLinear/IBPMonConv2d cell (whose "
         "interval system is itself monotone), a smaller eps, or linear bounds "
         "(method='CROWN', the adjoint-DEQ bound).")

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Benchmark: adjoint-DEQ CROWN bounds vs IBP and vs the plain forward pass, same weights, one run.
+
+Models (as benchmarks/bench_ibp.py; random weights, embedded MNIST test digits, batch --batch):
+    fc:   Flatten -> Linear(784, 128) -> DEQ(IBPMonLinear(128)) -> Linear(128, 10)
+    conv: Conv2d(1, 32, 3, pad 1) -> DEQ(IBPMonConv2d(32)) -> AvgPool2d(4) -> Flatten -> Linear(1568, 10)
+Specification: the 9 margins f_y - f_j. Reported per model:
+  * time ratios CROWN / forward and IBP / forward (median wall-clock of --repeats calls, no_grad);
+  * mean width ratio CROWN / IBP of the margin bounds;
+  * gap to exact: mean of (min margin found by PGD) - (CROWN lower bound), and the same for IBP
+    (PGD gives an upper bound on the true minimum, so the gap over-estimates the looseness).
+
+    python benchmarks/bench_crown.py [--eps 0.01] [--batch 128] [--repeats 3] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+import lirpa_deq  # noqa: F401
+from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+from lirpa_deq.data import load_mnist5k
+from lirpa_deq.nn import DEQ, IBPMonConv2d, IBPMonLinear
+from lirpa_deq.testing import pgd_extremes
+
+
+def margin_spec(labels, num_classes=10):
+    """(B, num_classes - 1, num_classes): rows e_y - e_j for j != y."""
+    eye = torch.eye(num_classes)
+    return torch.stack([eye[y] - eye[[j for j in range(num_classes) if j != y]] for y in labels.tolist()])
+
+
+def build(kind):
+    if kind == "fc":
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), DEQ(IBPMonLinear(128)), nn.Linear(128, 10))
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), DEQ(IBPMonConv2d(32)), nn.AvgPool2d(4),
+                         nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+
+
+def timed(fn, repeats):
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def run(kind, x, y, eps, repeats):
+    torch.manual_seed(0)
+    model = build(kind).eval()
+    C = margin_spec(y)
+    bounded = BoundedModule(model, x[:1])
+    with torch.no_grad():
+        model(x)  # warm-up
+        t_fwd, _ = timed(lambda: model(x), repeats)
+        res = {}
+        for method in ("IBP", "CROWN"):
+            def bounds(method=method):
+                # a fresh perturbation object each call: nothing cached between calls
+                bx = BoundedTensor(x.clone(), PerturbationLpNorm(norm=math.inf, eps=eps))
+                return bounded.compute_bounds(x=(bx,), C=C, method=method, bound_upper=False)[0]
+            bounds()
+            res[method] = timed(bounds, repeats)
+    f = lambda z: torch.einsum("bkc,bc->bk", C.repeat(z.shape[0] // x.shape[0], 1, 1), model(z))  # noqa: E731
+    lo_pts, _ = pgd_extremes(f, x, eps, steps=20)
+    with torch.no_grad():
+        pgd_min = f(lo_pts[0].reshape(-1, *x.shape[1:])).reshape(lo_pts.shape[1], x.shape[0], -1)
+        pgd_min = torch.stack([pgd_min[k, :, k] for k in range(pgd_min.shape[0])], 1)
+        clean = f(x)
+    t_ibp, lb_ibp = res["IBP"]
+    t_crown, lb_crown = res["CROWN"]
+    width = lambda lb: (clean - lb).mean().item()  # noqa: E731  (distance of the lower bound below the clean margin)
+    print(f"{kind:>5} | fwd {t_fwd * 1e3:7.1f} ms | IBP/fwd {t_ibp / t_fwd:6.2f}x | CROWN/fwd {t_crown / t_fwd:6.2f}x"
+          f" | width CROWN/IBP {width(lb_crown) / width(lb_ibp):5.3f}"
+          f" | gap to PGD: IBP {(pgd_min - lb_ibp).mean():.4f}, CROWN {(pgd_min - lb_crown).mean():.4f}"
+          f" | sound: {bool((lb_crown <= pgd_min + 1e-4).all() and (lb_ibp <= pgd_min + 1e-4).all())}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--eps", type=float, default=0.01)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--models", nargs="+", default=["fc", "conv"])
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_mnist5k("test")
+    x, y = data.tensors[0][:args.batch], data.tensors[1][:args.batch]
+    print(f"eps={args.eps} batch={len(x)} threads={torch.get_num_threads()} (random weights, embedded MNIST)")
+    for kind in args.models:
+        run(kind, x, y, args.eps, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
