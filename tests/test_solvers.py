@@ -160,7 +160,7 @@ def test_forward_backward_default_step():
     mon = make_cell(SPEC["MonLinear"], scale=1.0)
     prob, _ = problem_for(mon, 2)
     a = default_fb_alpha(prob)
-    Wd = mon.operator().dense()
+    Wd = mon.operator().dense().detach()
     IW = torch.eye(Wd.shape[0], dtype=Wd.dtype) - Wd
     assert 0 < a <= 2 * mon.margin / float(torch.linalg.svdvals(IW).max()) ** 2
     with pytest.raises(ValueError, match="margin"):
