@@ -101,7 +101,7 @@ class BoundDEQ(Bound):
         with torch.no_grad():
             op = deq.cell.operator(detached)
             op.prepare(tuple(u_lo.shape[1:]))
-            z_mid = deq.solve((u_lo + u_hi) / 2, params=detached)
+            z_mid = self._warm_start(u_lo, u_hi, detached)
             try:
                 lo, hi, info = prove_interval_fixed_point(op, u_lo, u_hi, z_start=z_mid,
                                                           opts=self.interval_options)
@@ -114,6 +114,16 @@ class BoundDEQ(Bound):
         self.box, self.box_info, self._box_key = (lo, hi), info, key
         return lo, hi
 
+    def _warm_start(self, u_lo, u_hi, params):
+        """Start of the interval search: the node's own forward value (the fixed point at the clean
+        input, which auto_LiRPA computed already) when it fits, else a solve at the box centre.
+        Only a starting point: soundness comes from the proof."""
+        fv = getattr(self, "forward_value", None)
+        if isinstance(fv, torch.Tensor) and fv.shape == u_lo.shape and fv.dtype == u_lo.dtype \
+                and bool(torch.isfinite(fv).all()):
+            return fv.detach()
+        return self.deq.solve((u_lo + u_hi) / 2, params=params)
+
     def interval_propagate(self, *v):
         (u_lo, u_hi), param_intervals = v[0], v[1:]
         self._check_params_unperturbed(param_intervals)
@@ -122,7 +132,7 @@ class BoundDEQ(Bound):
         op = self.deq.cell.operator(params)  # with grad: training differentiates the bound
         op.prepare(tuple(u_lo.shape[1:]))
         if self.box_info["box"] == "interval-post-fixpoint":
-            return differentiable_interval_step(op, lo, hi, u_lo, u_hi)
+            return differentiable_interval_step(op, lo, hi, u_lo, u_hi, slack=self.box_info.get("slack"))
         # monotone-ball box: one interval step intersected with it (sound; plain gradients)
         a, b = interval_step(op, lo, hi, u_lo, u_hi)
         return torch.maximum(a, lo), torch.minimum(b, hi)

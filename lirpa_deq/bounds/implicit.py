@@ -26,15 +26,18 @@ def _interval_vjp(op, masks, g):
     return torch.stack([(wa - wb) / 2, (wa + wb) / 2], 1)
 
 
-def differentiable_interval_step(op, lo, hi, u_lo, u_hi, tol=1e-6, max_iter=200):
+def differentiable_interval_step(op, lo, hi, u_lo, u_hi, slack=None, tol=1e-6, max_iter=200):
     """(lo', hi') = F([lo, hi]): the values of one interval step, implicit-function gradients.
 
     lo, hi: the proved box (used detached). u_lo, u_hi and the tensors ``op`` was built from may
-    require grad. The adjoint g = grad + J^T g is solved by fixed-point iteration, which converges
+    require grad. slack: elementwise rounding-error bound of the step (from the proof), added so
+    the returned values stay sound in floating point. The adjoint g = grad + J^T g is solved by fixed-point iteration, which converges
     when the interval system contracts (IBP-MonDEQ: rho(|W~|) <= 1 - m); if it does not converge
     within ``max_iter`` the gradient is the truncated Neumann series (bounds stay sound)."""
     lo, hi = lo.detach(), hi.detach()
     out_lo, out_hi = interval_step(op, lo, hi, u_lo, u_hi)
+    if slack is not None:
+        out_lo, out_hi = out_lo - slack, out_hi + slack
     out = torch.stack([out_lo, out_hi], 1)
     if not out.requires_grad:
         return out_lo, out_hi
