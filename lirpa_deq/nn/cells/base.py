@@ -192,11 +192,7 @@ class ReLUAffineCell(nn.Module):
         with torch.no_grad():
             return self._check(shape, tol)
 
-    # -- helpers for subclasses -------------------------------------------------------------
-    def _factory(self):
-        p = next(self.parameters())
-        return dict(dtype=p.dtype, device=p.device)
-
+    # -- implemented by subclasses -----------------------------------------------------------
     def _build_operator(self, p):  # pragma: no cover - abstract
         raise NotImplementedError
 
