@@ -1,0 +1,107 @@
+"""Output of ``certify`` / ``demo``: the text table, JSON lines / JSON files and the PNG plot.
+
+The summary dict (built by ``certify_cmd.evaluate``) is JSON-serialisable; its lists are aligned
+with ``summary["eps"]``. See ``docs/cli.md`` for the field list.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+LABELS = {"ibp": "IBP", "crown": "CROWN (with IBP)", "lipschitz": "Lipschitz (local)",
+          "smoothing": "smoothing"}
+
+
+def _pct(v):
+    return "   -  " if v is None else f"{100 * v:5.1f}%"
+
+
+def format_table(summary: dict) -> str:
+    """One table: rows = clean / PGD / each method, columns = eps values, then seconds per image."""
+    eps = summary["eps"]
+    name_w = 40
+    head = f"{'(l_inf, ' + str(summary['num_images']) + ' images)':<{name_w}}" + "".join(
+        f"{'eps=' + format(e, 'g'):>9}" for e in eps) + f"{'s/image':>10}"
+    lines = [head, "-" * len(head)]
+    lines.append(f"{'clean accuracy':<{name_w}}{_pct(summary['clean_accuracy']):>9}")
+    if summary.get("pgd_accuracy") is not None:
+        lines.append(f"{'PGD accuracy (upper bound)':<{name_w}}" + "".join(f"{_pct(v):>9}" for v in summary["pgd_accuracy"])
+                     + f"{summary['pgd_seconds_per_image']:>10.4f}")
+    for name, res in summary["methods"].items():
+        label = LABELS.get(name, name)
+        if name == "smoothing" and res.get("available", True):
+            label = f"smoothing l2->l_inf ({res['num_images']} img)*"
+        elif res.get("num_images", summary["num_images"]) != summary["num_images"]:
+            label = f"{label} ({res['num_images']} img)"
+        if not res.get("available", True):
+            lines.append(f"{label + ' certified':<{name_w}}  n/a: {res['reason']}")
+            continue
+        if res.get("failed"):
+            label = f"{label}, {res['failed']} failed"
+        cells = "".join(f"{_pct(v):>9}" for v in res["linf_certified_accuracy"])
+        lines.append(f"{(label + ' certified')[:name_w - 1]:<{name_w}}{cells}{res['seconds_per_image']:>10.4f}")
+    sm = summary["methods"].get("smoothing")
+    if sm and sm.get("available", True):
+        radii = ", ".join(f"r={r:g}: {100 * a:.1f}%" for r, a in zip(sm["radii"], sm["l2_certified_accuracy"]))
+        lines.append(f"* smoothed classifier (sigma={sm['sigma']:g}, n={sm['n']}, alpha={sm['alpha']:g}"
+                     f"{', SRS steps=' + str(sm['srs_steps']) if sm['srs_steps'] else ''}), probabilistic; "
+                     f"l2 certified accuracy {radii}; l_inf eps counts when r > eps*sqrt(d)")
+    bad = {m: c for m, c in summary.get("certified_but_attacked", {}).items() if c}
+    if bad:
+        lines.append(f"WARNING: certified points broken by PGD (a soundness bug): {bad}")
+    return "\n".join(lines)
+
+
+def write_json_lines(path, records, summary):
+    """Per-sample records then ``{"summary": summary}``, one JSON object per line; '-' = stdout."""
+    out = sys.stdout if path == "-" else open(path, "w")
+    try:
+        for r in records:
+            out.write(json.dumps(r) + "\n")
+        out.write(json.dumps({"summary": summary}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def plot(summary: dict, path: str, title: str = "") -> str:
+    """Certified accuracy vs eps, one line per method plus PGD (Agg backend); returns path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = summary["eps"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if summary.get("pgd_accuracy") is not None:
+        ax.plot(eps, [100 * v for v in summary["pgd_accuracy"]], "k--o", label="PGD accuracy (upper bound)")
+    for i, (name, res) in enumerate(summary["methods"].items()):
+        if not res.get("available", True):
+            continue
+        label = LABELS.get(name, name) + (f" ({res['num_images']} img, l2->l_inf)" if name == "smoothing" else
+                                          f" ({res['num_images']} img)" if res["num_images"] != summary["num_images"] else "")
+        ax.plot(eps, [100 * v for v in res["linf_certified_accuracy"]], marker="os^v"[i % 4], label=label)
+    ax.set_xlabel("l_inf eps")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"certified accuracy, {summary.get('dataset', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def finite(v):
+    """JSON-safe float (NaN/inf -> None)."""
+    return None if v is None or not math.isfinite(v) else float(v)

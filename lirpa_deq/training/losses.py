@@ -1,0 +1,124 @@
+"""Losses of certified training and the margin lower bounds they are built on.
+
+Specification: ``C`` with rows ``e_y - e_j`` for every ``j != y`` (shape (B, K-1, K)), so
+``C f(x')`` are the K-1 margins of the true class; the point is certified when all their lower
+bounds are > 0 over the perturbation set. The set is the l_p ball of radius eps intersected with
+the data domain [clip_min, clip_max] (l_inf: auto_LiRPA's ``x_L``/``x_U``; sound for every image
+of the domain; PGD uses the same set).
+
+* natural loss: cross-entropy of the logits;
+* robust loss (Wong & Kolter; Gowal et al.): cross-entropy of ``[0, -lb]`` with target 0, i.e.
+  ``log(1 + sum_j exp(-lb_j))``: an upper bound on the worst-case CE over the set (as lb is a
+  lower bound on the margins);
+* total: ``kappa * natural + (1 - kappa) * robust``; CROWN-IBP mixes its lower bound with IBP's,
+  ``lb = beta * lb_CROWN-IBP + (1 - beta) * lb_IBP`` (Zhang et al. 2020).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+
+METHODS = ("natural", "ibp", "crown-ibp")
+
+#: Interval options for the DEQ node used by training and certification: a search tolerance of
+#: 1e-5 and a first inflation (1e-4, relative to 1 + |z|) that covers float32 rounding, so the
+#: post-fixpoint proof usually succeeds at its first attempt (it is a proof either way; this only
+#: saves retries). The proved box is then tightened by interval steps, so the inflation is
+#: contracted away almost entirely.
+DEQ_BOUND_OPTS = {"tol": 1e-5, "inflate_abs": 1e-4}
+
+
+def margin_spec(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """C of shape (B, K-1, K) with rows e_y - e_j, j != y in increasing order (float32, on
+    labels.device)."""
+    labels = labels.long()
+    B, K = labels.shape[0], int(num_classes)
+    eye = torch.eye(K, device=labels.device)
+    others = torch.arange(K, device=labels.device).expand(B, K)
+    others = others[others != labels.view(-1, 1)].view(B, K - 1)
+    return eye[labels].unsqueeze(1) - eye[others]
+
+
+def robust_ce(lb: torch.Tensor) -> torch.Tensor:
+    """Mean of log(1 + sum_j exp(-lb_j)); lb: (B, K-1) margin lower bounds."""
+    z = torch.cat([torch.zeros_like(lb[:, :1]), -lb], 1)
+    return F.cross_entropy(z, torch.zeros(lb.shape[0], dtype=torch.long, device=lb.device))
+
+
+def bound_opts_for(model, deq_opts=None) -> dict:
+    """auto_LiRPA bound_opts for ``model``: ``{'deq': DEQ_BOUND_OPTS updated with deq_opts}``."""
+    return {"deq": dict(DEQ_BOUND_OPTS, **(deq_opts or {}))}
+
+
+def make_bounded(model, example: torch.Tensor, deq_opts=None) -> BoundedModule:
+    """``BoundedModule(model, example[:1])`` with :func:`bound_opts_for`; parameters are shared
+    with ``model`` (buffers such as BN running statistics are NOT: see ``sync_buffers``)."""
+    return BoundedModule(model, example[:1], bound_opts=bound_opts_for(model, deq_opts),
+                         device=str(example.device))
+
+
+@torch.no_grad()
+def sync_buffers(bounded: BoundedModule, model) -> None:
+    """Copy the BoundedModule's buffers (BN running statistics) into ``model`` in place."""
+    state = bounded.state_dict()
+    for name, buf in model.named_buffers():
+        if name in state and state[name].shape == buf.shape:
+            buf.copy_(state[name])
+
+
+def perturbation(x, eps, norm=math.inf, clip=(0.0, 1.0)) -> PerturbationLpNorm:
+    """The l_norm ball of radius eps around x, intersected with the box ``clip`` for l_inf
+    (``clip=None``: no domain constraint)."""
+    if norm == math.inf and clip is not None:
+        return PerturbationLpNorm(norm=norm, eps=eps, x_L=(x - eps).clamp(*clip), x_U=(x + eps).clamp(*clip))
+    return PerturbationLpNorm(norm=norm, eps=eps)
+
+
+def margin_lower_bounds(bounded, x, labels, eps, method="IBP", num_classes=10, norm=math.inf,
+                        clip=(0.0, 1.0), beta=1.0):
+    """Lower bounds (B, K-1) on the margins f_y - f_j over the perturbation set.
+
+    method: 'IBP', 'CROWN', 'CROWN-IBP' (mixed with IBP by ``beta``), 'CROWN-Optimized'. For
+    'CROWN' and 'CROWN-Optimized' the result is the elementwise max with the IBP bound (both are
+    sound, so the max is too: never worse than IBP). Differentiable for 'IBP' / 'CROWN-IBP'."""
+    C = margin_spec(labels, num_classes)
+    bx = BoundedTensor(x, perturbation(x, eps, norm, clip))
+    m = method.upper()
+    ilb, _ = bounded.compute_bounds(x=(bx,), C=C, method="IBP", bound_upper=False)
+    if m == "IBP":
+        return ilb
+    if m == "CROWN-IBP":
+        if beta <= 0:
+            return ilb
+        clb, _ = bounded.compute_bounds(C=C, IBP=False, method="backward", bound_upper=False)
+        return beta * clb + (1 - beta) * ilb
+    if m in ("CROWN", "CROWN-OPTIMIZED"):
+        clb, _ = bounded.compute_bounds(x=(bx,), C=C, method=method, bound_upper=False)
+        return torch.maximum(clb, ilb)
+    raise ValueError(f"unknown bound method {method!r}; valid: IBP, CROWN, CROWN-IBP, CROWN-Optimized")
+
+
+def certified_loss(bounded, x, y, eps, method, kappa=1.0, beta=1.0, num_classes=10, norm=math.inf,
+                   clip=(0.0, 1.0)):
+    """One training loss. Returns (loss, stats) with stats = {'natural', 'robust', 'clean_acc',
+    'verified'} (python floats; 'robust'/'verified' are None at eps = 0 or method 'natural').
+
+    The clean forward runs through ``bounded`` first (it also sets BN batch statistics for the
+    bounds in training mode). method: 'natural', 'ibp', 'crown-ibp'."""
+    if method not in METHODS:
+        raise ValueError(f"unknown training method {method!r}; valid: {', '.join(METHODS)}")
+    logits = bounded(x)
+    natural = F.cross_entropy(logits, y)
+    stats = {"natural": float(natural.detach()), "clean_acc": float((logits.argmax(1) == y).float().mean()),
+             "robust": None, "verified": None}
+    if method == "natural" or eps <= 0 or kappa >= 1:
+        return natural, stats
+    lb = margin_lower_bounds(bounded, x, y, eps, "IBP" if method == "ibp" else "CROWN-IBP", num_classes,
+                             norm, clip, beta=beta)
+    robust = robust_ce(lb)
+    stats["robust"] = float(robust.detach())
+    stats["verified"] = float((lb.detach().min(1).values > 0).float().mean())
+    return kappa * natural + (1 - kappa) * robust, stats

@@ -1,0 +1,218 @@
+"""Certified training loop with exact resume.
+
+Determinism: the model is initialised after ``torch.manual_seed(seed)``; batch ``i`` of epoch
+``e`` is taken from ``torch.randperm(N, generator=Generator().manual_seed(seed * 1_000_003 + e))``,
+so the data order is a pure function of (seed, step), and every schedule (eps, kappa, beta, LR) is
+a pure function of the global step. A checkpoint stores the model (parameters and buffers), the
+optimizer state, the global step, the RNG states and the config, so training N steps straight and
+training k steps, checkpointing, resuming and training N - k steps give bit-identical parameters
+(on the same device and torch build; tested).
+
+Per step: clean forward through the BoundedModule (shared parameters), bounds at the scheduled
+eps, loss ``kappa * natural + (1 - kappa) * robust`` (see ``losses``), Adam with the scheduled LR,
+gradient-norm clipping, then the BoundedModule's buffers (BN statistics) are copied into the model.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Optional
+
+import torch
+
+from ..data import dataset_info, get_dataset
+from ..models import build_model
+from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from .config import TrainConfig
+from .losses import certified_loss, make_bounded, sync_buffers
+from .schedules import LinearRamp, SmoothedRamp, StepLR
+
+
+class Trainer:
+    """Train ``config.model`` on ``config.dataset`` with ``config.method``.
+
+    train_set: optional TensorDataset (images (N, C, H, W) in [0, 1], labels (N,)) instead of
+    loading ``config.dataset``'s training split (tests). device: where the model and batches live.
+    """
+
+    def __init__(self, config: TrainConfig, device="cpu", train_set=None, log: Optional[Callable] = print):
+        self.config, self.device, self.log = config, torch.device(device), log or (lambda *a, **k: None)
+        info = dataset_info(config.dataset)
+        data = train_set if train_set is not None else get_dataset(config.dataset, "train", config.data_root)
+        X, Y = data.tensors
+        if config.num_train is not None:
+            X, Y = X[:config.num_train], Y[:config.num_train]
+        self.X, self.Y = X, Y
+        self.input_shape, self.num_classes = tuple(X.shape[1:]), int(info.num_classes)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model, self.input_shape, self.num_classes, **config.model_kwargs)
+        self.model.to(self.device).train()
+        self.bounded = make_bounded(self.model, X[:1].to(self.device))
+        self.bounded.train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.step = 0
+        self.metrics = {"train_seconds": 0.0, "train_cpu_seconds": 0.0}
+        spe = self.steps_per_epoch
+        warm, ramp = round(config.warmup_epochs * spe), round(config.ramp_epochs * spe)
+        self.eps_schedule = SmoothedRamp(config.eps_train, warm, ramp, mid=config.ramp_mid, beta=config.ramp_beta)
+        self.kappa_schedule = LinearRamp(1.0, config.kappa_final, warm, ramp)
+        self.beta_schedule = LinearRamp(config.beta_start, config.beta_final, warm, ramp)
+        self.lr_schedule = StepLR(config.lr, [round(m * spe) for m in config.lr_milestones], config.lr_gamma)
+
+    # ---------------------------------------------------------------------------- bookkeeping
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.Y) / self.config.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.config.epochs * self.steps_per_epoch)
+
+    def schedule(self, step: int) -> dict:
+        """eps, kappa, beta and lr at a global step."""
+        return {"eps": self.eps_schedule(step), "kappa": self.kappa_schedule(step),
+                "beta": self.beta_schedule(step), "lr": self.lr_schedule(step)}
+
+    def batch(self, step: int):
+        """(x, y) of a global step, on the trainer's device."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        idx = torch.randperm(len(self.Y), generator=g)[i * self.config.batch_size:(i + 1) * self.config.batch_size]
+        return self.X[idx].to(self.device), self.Y[idx].to(self.device)
+
+    # ---------------------------------------------------------------------------- training
+    def train_step(self) -> dict:
+        """One optimisation step at ``self.step``; returns its stats (loss, clean_acc, verified, ...)."""
+        cfg, s = self.config, self.schedule(self.step)
+        x, y = self.batch(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = s["lr"]
+        self.bounded.train()
+        loss, stats = certified_loss(self.bounded, x, y, s["eps"], cfg.method, kappa=s["kappa"], beta=s["beta"],
+                                     num_classes=self.num_classes, norm=cfg.norm)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step} (eps {s['eps']:.4f}); "
+                                     "lower the learning rate or lengthen the eps ramp")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        sync_buffers(self.bounded, self.model)
+        self.step += 1
+        stats.update(loss=float(loss.detach()), **s)
+        return stats
+
+    def train(self, max_steps: Optional[int] = None, checkpoint_path=None, progress: bool = True) -> dict:
+        """Train until ``total_steps`` (or global step ``max_steps``); checkpoint at each epoch end
+        and at the end when ``checkpoint_path`` is given. Returns ``self.metrics``."""
+        end = self.total_steps if max_steps is None else min(int(max_steps), self.total_steps)
+        spe = self.steps_per_epoch
+        bar = _progress(self.step, end, progress)
+        t0, c0 = time.time(), time.process_time()
+        sums = _Running()
+        try:
+            while self.step < end:
+                stats = self.train_step()
+                sums.add(stats)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(sums.postfix(), refresh=False)
+                if self.step % spe == 0 or self.step == end:
+                    self.metrics.update(epoch=self.step / spe, **sums.means())
+                    self.log(f"epoch {self.step / spe:.2f} step {self.step}/{self.total_steps} {sums.postfix()}")
+                    sums = _Running()
+                    if checkpoint_path is not None:
+                        self._add_time(t0, c0)
+                        t0, c0 = time.time(), time.process_time()
+                        self.save(checkpoint_path)
+        finally:
+            if bar is not None:
+                bar.close()
+        self._add_time(t0, c0)
+        self.model.eval()
+        return self.metrics
+
+    def _add_time(self, t0, c0):
+        self.metrics["train_seconds"] += time.time() - t0
+        self.metrics["train_cpu_seconds"] += time.process_time() - c0
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def model_spec(self) -> dict:
+        return {"name": self.config.model, "kwargs": dict(self.config.model_kwargs),
+                "input_shape": list(self.input_shape), "num_classes": self.num_classes}
+
+    def save(self, path) -> str:
+        """Atomic checkpoint of everything needed to resume exactly."""
+        return save_checkpoint(path, {
+            "config": self.config.to_dict(), "model": self.model_spec(), "model_state": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(), "step": self.step, "rng": rng_state(),
+            "metrics": dict(self.metrics, total_steps=self.total_steps)})
+
+    @classmethod
+    def resume(cls, path, config: Optional[TrainConfig] = None, device="cpu", train_set=None, log=print):
+        """A Trainer continuing the checkpoint at ``path``. ``config`` (optional) may change
+        non-identity fields (e.g. more epochs); identity fields (dataset, model, model_kwargs,
+        method, batch_size, seed, norm, num_train) must match: CheckpointError otherwise."""
+        data = load_checkpoint(path, map_location=device)
+        try:
+            saved = TrainConfig.from_dict(data["config"])
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r} has an invalid config ({exc})") from None
+        if config is None:
+            config = saved
+        diff = {k: (v, config.identity()[k]) for k, v in saved.identity().items() if config.identity()[k] != v}
+        if diff:
+            first = next(iter(diff))
+            raise CheckpointError(f"checkpoint {str(path)!r} does not match this run: {first} is "
+                                  f"{diff[first][0]!r} in the checkpoint but {diff[first][1]!r} here"
+                                  + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
+        if "optimizer_state" not in data or "rng" not in data:
+            raise CheckpointError(f"checkpoint {str(path)!r} has no optimizer/RNG state: it cannot be resumed")
+        trainer = cls(config, device=device, train_set=train_set, log=log)
+        if data["model"] != trainer.model_spec():
+            raise CheckpointError(f"checkpoint {str(path)!r} holds model {data['model']}, this run builds "
+                                  f"{trainer.model_spec()}")
+        try:
+            trainer.model.load_state_dict(data["model_state"])
+            trainer.optimizer.load_state_dict(data["optimizer_state"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit the model/optimizer "
+                                  f"({str(exc).splitlines()[0]})") from None
+        trainer.bounded.load_state_dict(trainer.model.state_dict())  # BN buffers of the bounded copy
+        trainer.step = int(data["step"])
+        trainer.metrics.update(data.get("metrics", {}))
+        set_rng_state(data["rng"])
+        return trainer
+
+
+class _Running:
+    """Running means of the step stats shown in the progress bar and epoch lines."""
+
+    def __init__(self):
+        self.sum, self.count, self.eps = {}, {}, 0.0
+
+    def add(self, stats):
+        for k in ("loss", "clean_acc", "verified"):
+            if stats.get(k) is not None:
+                self.sum[k] = self.sum.get(k, 0.0) + stats[k]
+                self.count[k] = self.count.get(k, 0) + 1
+        self.eps = stats["eps"]
+
+    def means(self):
+        return {k: v / self.count[k] for k, v in self.sum.items()}
+
+    def postfix(self):
+        m = self.means()
+        out = f"eps={self.eps:.3f} loss={m.get('loss', float('nan')):.3f} acc={m.get('clean_acc', 0):.3f}"
+        if "verified" in m:
+            out += f" ibp_ver={m['verified']:.3f}"
+        return out
+
+
+def _progress(start, end, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=False)
