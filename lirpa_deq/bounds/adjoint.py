@@ -47,55 +47,58 @@ def _d_nu(nu, aL, aU):
     return torch.where(nu >= 0, aL, aU)
 
 
-def _lower_terms(nu, nu_next, gf, aL, aU, t, box, u_box):
-    """For one adjoint iterate nu (with nu_next = g + W^T D_nu nu, so r = nu - nu_next): the
-    coefficient A_u, the bias, and the concrete value of the bound over the u box (for picking)."""
-    lo, hi = box
-    d = _d_nu(nu, aL, aU)
-    A_u = d * nu
-    r = nu - nu_next
-    c, rad = (hi + lo) / 2, (hi - lo) / 2
-    residual_term = -(r * c).flatten(1).sum(1) - (r.abs() * rad).flatten(1).sum(1)
-    beta_term = torch.where(nu < 0, nu * t, torch.zeros_like(nu)).flatten(1).sum(1)
-    bias = beta_term + residual_term
-    u_c, u_r = (u_box[1] + u_box[0]) / 2, (u_box[1] - u_box[0]) / 2
-    value = (A_u * u_c).flatten(1).sum(1) - (A_u.abs() * u_r).flatten(1).sum(1) + bias
-    return A_u, bias, value
-
-
 def adjoint_lower(g, op, relax, box, u_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
     """Sound lower bound of g^T z* in the form (A_u, bias): g^T z* >= <A_u, u> + bias.
 
-    g: (spec, B, *state). relax: (aL, aU, t), box: (lo, hi), u_box: (u_lo, u_hi), each (B, *state).
-    Iterates the adjoint fixed point from nu = g; every iterate gives a sound bound, and per
-    specification row the iterate with the best concrete value over the u box is kept (so a
-    diverging iteration, e.g. on MonDEQ cells with rho(|W|) > 1, cannot make things worse than
-    its best iterate). Returns A_u (spec, B, *state), bias (spec, B), the number of iterations."""
-    spec, batch = g.shape[:2]
-    rep = lambda x: x.unsqueeze(0).expand(spec, *x.shape).reshape(-1, *x.shape[1:])  # noqa: E731
-    aL, aU, t = (rep(x) for x in relax)
-    box, u_box = tuple(rep(x) for x in box), tuple(rep(x) for x in u_box)
-    gf = g.reshape(-1, *g.shape[2:])
-    view = (-1,) + (1,) * (gf.dim() - 1)
-    nu = gf
-    best = None
-    iterations = 0
-    for iterations in range(1, max_iter + 2):
-        nu_next = gf + op.WT(_d_nu(nu, aL, aU) * nu)
-        A_u, bias, value = _lower_terms(nu, nu_next, gf, aL, aU, t, box, u_box)
-        if best is None:
-            best = [A_u, bias, value]
-        else:
-            better = value > best[2]
-            best[0] = torch.where(better.view(view), A_u, best[0])
-            best[1] = torch.where(better, bias, best[1])
-            best[2] = torch.where(better, value, best[2])
-        step = float((nu_next - nu).abs().max()) if nu.numel() else 0.0
-        if iterations > max_iter or step <= tol * (1 + float(nu_next.abs().max())) \
-                or not torch.isfinite(nu_next).all():
+    g: (spec, B, *state). relax: (aL, aU, t), box: (lo, hi), u_box: (u_lo, u_hi), each (B, *state)
+    (broadcast over the spec dimension, never copied). Iterates the adjoint fixed point from
+    nu = g; every iterate gives a sound bound (r = nu - nu_next is the residual of the theorem),
+    and per specification row the iterate with the best concrete value over the u box is kept, so a
+    diverging iteration (e.g. MonDEQ cells with rho(|W|) > 1) cannot end worse than its best
+    iterate. Returns A_u (spec, B, *state), bias (spec, B), the number of iterations."""
+    spec, batch, state = g.shape[0], g.shape[1], g.shape[2:]
+    n = g[0, 0].numel()
+    flat = lambda x: x.reshape(batch, n)  # noqa: E731  (B, *state) -> (B, N)
+    aL, aU, t = relax
+    c, rad = flat((box[1] + box[0]) / 2), flat((box[1] - box[0]) / 2)
+    u_c, u_r, t_f = flat((u_box[1] + u_box[0]) / 2), flat((u_box[1] - u_box[0]) / 2), flat(t)
+
+    def dot(a, b):  # sum over the state of a (spec, B, N) times b (B, N): a batched matmul, no temporaries
+        return torch.einsum("sbn,bn->sb", a, b)
+
+    def coeff(nu):  # A = D_nu nu
+        return _d_nu(nu, aL, aU) * nu
+
+    def step(A):
+        return g + op.WT(A.reshape(spec * batch, *state)).view(g.shape)
+
+    def terms(nu, A, nu_next):
+        r = (nu - nu_next).reshape(spec, batch, n)
+        A_f = A.reshape(spec, batch, n)
+        bias = dot(nu.clamp(max=0).reshape(spec, batch, n), t_f) - dot(r, c) - dot(r.abs(), rad)
+        value = bias + dot(A_f, u_c) - dot(A_f.abs(), u_r)
+        return bias, value
+
+    nu = g
+    A = coeff(nu)
+    nu_next = step(A)
+    best_A = A
+    best_bias, best_value = terms(nu, A, nu_next)
+    iterations = 1
+    while iterations <= max_iter:
+        change = float((nu_next - nu).abs().max()) if nu.numel() else 0.0
+        if change <= tol * (1 + float(nu_next.abs().max())) or not torch.isfinite(nu_next).all():
             break
         nu = nu_next
-    return best[0].view(g.shape), best[1].view(spec, batch), iterations
+        A = coeff(nu)
+        nu_next = step(A)
+        iterations += 1
+        bias, value = terms(nu, A, nu_next)
+        better = value > best_value
+        best_A = torch.where(better.view(spec, batch, *[1] * len(state)), A, best_A)
+        best_bias = torch.where(better, bias, best_bias)
+        best_value = torch.where(better, value, best_value)
+    return best_A, best_bias, iterations
 
 
 def deq_bound_backward(node, last_lA, last_uA, *x, **kwargs):
