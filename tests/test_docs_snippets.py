@@ -1,0 +1,20 @@
+"""The Python code blocks of the README and the getting-started page run as written."""
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ["README.md", "docs/getting_started.md"]
+
+
+def python_blocks(path):
+    return re.findall(r"```python\n(.*?)```", (ROOT / path).read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_python_blocks_execute(page):
+    blocks = python_blocks(page)
+    assert blocks, f"{page} has no python code block"
+    for code in blocks:
+        exec(compile(code, f"{page}:python-block", "exec"), {"__name__": "__doc_snippet__"})
