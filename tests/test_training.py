@@ -96,8 +96,9 @@ def test_resume_is_exact(digits, tmp_path, kw):
     assert straight.optimizer.state_dict()["state"][0]["step"] == resumed.optimizer.state_dict()["state"][0]["step"]
 
 
-def test_batchnorm_buffers_follow_training(digits):
-    cfg = config(model="cnn3", model_kwargs={"width": 2}, eps_train=0.05, epochs=1)
+@pytest.mark.parametrize("model", ["cnn3", "deq7"])  # deq7 also has a BatchNorm1d (traced in eval mode)
+def test_batchnorm_buffers_follow_training(digits, model):
+    cfg = config(model=model, model_kwargs={"width": 2}, eps_train=0.05, epochs=1)
     t = Trainer(cfg, train_set=digits, log=None)
     t.train(progress=False)
     bn = [m for m in t.model.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]

@@ -84,6 +84,15 @@ def evaluate(model, x, y, eps_list, methods, num_classes=10, batch_size=250, pgd
                             "margin_lower": margin})
     if "smoothing" in methods and smoothing:
         records += _smoothing(model, x, y, eps_list, smoothing, num_classes, x[0].numel(), indices, summary, log)
+    for res in summary["methods"].values():  # PGD / IBP on the same images as a subset method
+        if res.get("available", True) and res["num_images"] < len(x):
+            sel = spread(len(x), res["num_images"])
+            ref = res["subset_reference"] = {}
+            if pgd is not None:
+                ref["pgd_accuracy"] = [float(p[sel].float().mean()) for p in pgd]
+            if runner.ibp:
+                ref["ibp_certified_accuracy"] = [float(runner.ibp[k]["certified"][sel].float().mean())
+                                                 for k in range(len(eps_list))] if len(runner.ibp) == len(eps_list) else None
     return summary, records
 
 

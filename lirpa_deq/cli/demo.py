@@ -31,7 +31,7 @@ RECIPE = TrainConfig(dataset="mnist5k", model="conv-fc-deq", model_kwargs={"widt
                      method="ibp", eps_train=0.2, epochs=30, batch_size=64, lr=1e-3, lr_milestones=(20, 25),
                      warmup_epochs=1, ramp_epochs=10, kappa_final=0.0, seed=0)
 EPS = (0.01, 0.05, 0.1, 0.15)
-LIPSCHITZ_NUM = 50  # the local Lipschitz bound is the slowest method: evenly spaced subset
+LIPSCHITZ_NUM = 30  # the local Lipschitz bound is the slowest method: evenly spaced subset
 SMOOTHING = {"sigma": 0.25, "n": 1000, "n0": 100, "alpha": 0.001, "srs_steps": 0, "radii": [0.0, 0.25, 0.5],
              "num": 100, "batch_size": 550}
 

@@ -164,7 +164,7 @@ def _add_demo(sub):
                    help="test digits for randomized smoothing (0 = skip)")
     p.add_argument("--smoothing-n", type=_positive_int, default=None, help="smoothing samples per digit")
     p.add_argument("--lipschitz-num", type=_nonneg_int, default=None,
-                   help="test digits for the Lipschitz method (0 = skip; default 100)")
+                   help="test digits for the Lipschitz method (0 = skip; default 30)")
     p.add_argument("--seed", type=int, default=0)
     _common(p)
 

@@ -10,7 +10,7 @@ import math
 import os
 import sys
 
-LABELS = {"ibp": "IBP", "crown": "CROWN (with IBP)", "lipschitz": "Lipschitz (local)",
+LABELS = {"ibp": "IBP", "crown": "CROWN (with IBP)", "lipschitz": "Lipschitz",
           "smoothing": "smoothing"}
 
 
@@ -19,35 +19,48 @@ def _pct(v):
 
 
 def format_table(summary: dict) -> str:
-    """One table: rows = clean / PGD / each method, columns = eps values, then seconds per image."""
+    """One table: rows = clean / PGD / each method, columns = eps values, then seconds per image.
+    Methods run on a subset get two reference rows (PGD and IBP on the same images)."""
     eps = summary["eps"]
-    name_w = 40
-    head = f"{'(l_inf, ' + str(summary['num_images']) + ' images)':<{name_w}}" + "".join(
+    name_w = 44
+    head = f"{'l_inf, ' + str(summary['num_images']) + ' images':<{name_w}}" + "".join(
         f"{'eps=' + format(e, 'g'):>9}" for e in eps) + f"{'s/image':>10}"
     lines = [head, "-" * len(head)]
+
+    def row(name, values, seconds=None):
+        cells = "".join(f"{_pct(v):>9}" for v in values)
+        return f"{name[:name_w - 1]:<{name_w}}{cells}" + ("" if seconds is None else f"{seconds:>10.4f}")
+
     lines.append(f"{'clean accuracy':<{name_w}}{_pct(summary['clean_accuracy']):>9}")
     if summary.get("pgd_accuracy") is not None:
-        lines.append(f"{'PGD accuracy (upper bound)':<{name_w}}" + "".join(f"{_pct(v):>9}" for v in summary["pgd_accuracy"])
-                     + f"{summary['pgd_seconds_per_image']:>10.4f}")
+        lines.append(row("PGD accuracy (upper bound)", summary["pgd_accuracy"], summary["pgd_seconds_per_image"]))
     for name, res in summary["methods"].items():
-        label = LABELS.get(name, name)
-        if name == "smoothing" and res.get("available", True):
-            label = f"smoothing l2->l_inf ({res['num_images']} img)*"
-        elif res.get("num_images", summary["num_images"]) != summary["num_images"]:
-            label = f"{label} ({res['num_images']} img)"
+        label = "certified " + LABELS.get(name, name)
         if not res.get("available", True):
-            lines.append(f"{label + ' certified':<{name_w}}  n/a: {res['reason']}")
+            lines.append(f"{label:<{name_w}}n/a: {res['reason']}")
             continue
+        notes = [f"{res['num_images']} img"] if res["num_images"] < summary["num_images"] else []
         if res.get("failed"):
-            label = f"{label}, {res['failed']} failed"
-        cells = "".join(f"{_pct(v):>9}" for v in res["linf_certified_accuracy"])
-        lines.append(f"{(label + ' certified')[:name_w - 1]:<{name_w}}{cells}{res['seconds_per_image']:>10.4f}")
+            notes.append(f"{res['failed']} failed")
+        if name == "smoothing":
+            label = "certified smoothing*"
+        if notes:
+            label += f" ({', '.join(notes)})"
+        lines.append(row(label, res["linf_certified_accuracy"], res["seconds_per_image"]))
+        ref = res.get("subset_reference") or {}
+        if ref.get("pgd_accuracy") is not None:
+            lines.append(row(f"  same {res['num_images']} img: PGD accuracy", ref["pgd_accuracy"]))
+        if ref.get("ibp_certified_accuracy") is not None:
+            lines.append(row(f"  same {res['num_images']} img: IBP certified", ref["ibp_certified_accuracy"]))
     sm = summary["methods"].get("smoothing")
     if sm and sm.get("available", True):
         radii = ", ".join(f"r={r:g}: {100 * a:.1f}%" for r, a in zip(sm["radii"], sm["l2_certified_accuracy"]))
         lines.append(f"* smoothed classifier (sigma={sm['sigma']:g}, n={sm['n']}, alpha={sm['alpha']:g}"
-                     f"{', SRS steps=' + str(sm['srs_steps']) if sm['srs_steps'] else ''}), probabilistic; "
-                     f"l2 certified accuracy {radii}; l_inf eps counts when r > eps*sqrt(d)")
+                     f"{', SRS steps=' + str(sm['srs_steps']) if sm['srs_steps'] else ''}): probabilistic; "
+                     f"l2 certified accuracy {radii};\n  an l2 radius r counts at l_inf eps when r > eps*sqrt(d)")
+    failed = {m: r.get("first_error") for m, r in summary["methods"].items() if r.get("failed")}
+    for m, err in failed.items():
+        lines.append(f"{m}: failed bound computations count as not certified; first error: {err[:160]}")
     bad = {m: c for m, c in summary.get("certified_but_attacked", {}).items() if c}
     if bad:
         lines.append(f"WARNING: certified points broken by PGD (a soundness bug): {bad}")
@@ -89,7 +102,8 @@ def plot(summary: dict, path: str, title: str = "") -> str:
             continue
         label = LABELS.get(name, name) + (f" ({res['num_images']} img, l2->l_inf)" if name == "smoothing" else
                                           f" ({res['num_images']} img)" if res["num_images"] != summary["num_images"] else "")
-        ax.plot(eps, [100 * v for v in res["linf_certified_accuracy"]], marker="os^v"[i % 4], label=label)
+        ax.plot(eps, [100 * v for v in res["linf_certified_accuracy"]], marker="os^v"[i % 4],
+                linestyle=["-", ":", "-.", "-"][i % 4], markersize=[8, 5, 6, 6][i % 4], label=label)
     ax.set_xlabel("l_inf eps")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)

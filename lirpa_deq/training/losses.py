@@ -23,12 +23,10 @@ from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
 
 METHODS = ("natural", "ibp", "crown-ibp")
 
-#: Interval options for the DEQ node used by training and certification: a search tolerance of
-#: 1e-5 and a first inflation (1e-4, relative to 1 + |z|) that covers float32 rounding, so the
-#: post-fixpoint proof usually succeeds at its first attempt (it is a proof either way; this only
-#: saves retries). The proved box is then tightened by interval steps, so the inflation is
-#: contracted away almost entirely.
-DEQ_BOUND_OPTS = {"tol": 1e-5, "inflate_abs": 1e-4}
+#: Extra interval options for the DEQ node (``bound_opts['deq']``) used by training and
+#: certification; empty = the defaults of :class:`lirpa_deq.bounds.IntervalOptions`, which are
+#: tuned for float32 speed (the proof usually succeeds at its first attempt).
+DEQ_BOUND_OPTS = {}
 
 
 def margin_spec(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -55,9 +53,18 @@ def bound_opts_for(model, deq_opts=None) -> dict:
 
 def make_bounded(model, example: torch.Tensor, deq_opts=None) -> BoundedModule:
     """``BoundedModule(model, example[:1])`` with :func:`bound_opts_for`; parameters are shared
-    with ``model`` (buffers such as BN running statistics are NOT: see ``sync_buffers``)."""
-    return BoundedModule(model, example[:1], bound_opts=bound_opts_for(model, deq_opts),
-                         device=str(example.device))
+    with ``model`` (buffers such as BN running statistics are NOT: see ``sync_buffers``). The
+    model is traced in eval mode (BatchNorm1d cannot run a batch of 1 in training mode) and left
+    in the mode it had; the BoundedModule starts in eval mode (call ``.train()`` for training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        bounded = BoundedModule(model, example[:1], bound_opts=bound_opts_for(model, deq_opts),
+                                device=str(example.device))
+    finally:
+        model.train(was_training)
+    bounded.eval()
+    return bounded
 
 
 @torch.no_grad()

@@ -120,7 +120,12 @@ class Trainer:
                     bar.set_postfix_str(sums.postfix(), refresh=False)
                 if self.step % spe == 0 or self.step == end:
                     self.metrics.update(epoch=self.step / spe, **sums.means())
-                    self.log(f"epoch {self.step / spe:.2f} step {self.step}/{self.total_steps} {sums.postfix()}")
+                    line = f"epoch {self.step / spe:.2f} step {self.step}/{self.total_steps} {sums.postfix()}"
+                    if bar is not None:
+                        bar.clear()
+                    self.log(line)
+                    if bar is not None:
+                        bar.refresh()
                     sums = _Running()
                     if checkpoint_path is not None:
                         self._add_time(t0, c0)
