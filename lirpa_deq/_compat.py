@@ -19,6 +19,7 @@ import inspect
 import os
 import sys
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -233,7 +234,14 @@ def apply():
         return
     for shim in PRE_IMPORT:
         shim()
-    import auto_LiRPA  # noqa: F401  (imported only after the pre-import shims)
+    # auto_LiRPA 0.3 switches the global warning filters to "once" and decorates functions with
+    # torch.jit.script (deprecated in torch 2.x); keep both out of the user's session
+    # (it resets filters inside the import, so record what is emitted and re-issue the rest)
+    with warnings.catch_warnings(record=True) as caught:
+        import auto_LiRPA  # noqa: F401  (imported only after the pre-import shims)
+    for w in caught:
+        if not (issubclass(w.category, DeprecationWarning) and "torch.jit.script" in str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     for shim in POST_IMPORT:
         shim()

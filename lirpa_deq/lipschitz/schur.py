@@ -71,6 +71,8 @@ def prefix_zonotope(layers, shapes, region, b, j, norm):
     and unstable ones are replaced by the hull ``[min(0, lo), max(0, hi)]`` of their range (into
     the box, generators zeroed there)."""
     def genmag(gen, pr, nL, K):
+        if gen.shape[0] == 0:  # no generators (no free relu' left): reshape(-1) of 0 elements is ambiguous
+            return gen.new_zeros(nL * K, *gen.shape[1:])
         return (pr @ gen.abs().reshape(nL, gen.shape[0] // nL, -1)).reshape(nL * K, *gen.shape[1:])
 
     def f(gc, Tm, pr):
