@@ -82,7 +82,7 @@ def adjoint_lower(g, op, relax, box, u_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAU
     nu = g
     A = coeff(nu)
     nu_next = step(A)
-    best_A = A
+    best_A, best_nu = A, nu
     best_bias, best_value = terms(nu, A, nu_next)
     iterations = 1
     while iterations <= max_iter:
@@ -95,10 +95,27 @@ def adjoint_lower(g, op, relax, box, u_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAU
         iterations += 1
         bias, value = terms(nu, A, nu_next)
         better = value > best_value
-        best_A = torch.where(better.view(spec, batch, *[1] * len(state)), A, best_A)
+        row = better.view(spec, batch, *[1] * len(state))
+        best_A, best_nu = torch.where(row, A, best_A), torch.where(row, nu, best_nu)
         best_bias = torch.where(better, bias, best_bias)
         best_value = torch.where(better, value, best_value)
-    return best_A, best_bias, iterations
+    return best_A, best_bias, iterations, best_nu
+
+
+def adjoint_bound_at(nu, g, op, relax, box):
+    """The theorem's bound for ONE fixed adjoint vector nu (spec, B, *state), differentiably in
+    g, the cell weights (through ``op``), the relaxation and the box: (A_u, bias). Same formula as
+    adjoint_lower, so the value is the same sound bound; used to give CROWN-IBP training gradients
+    (nu itself is treated as a constant: it was chosen without gradients)."""
+    spec, batch, state = g.shape[0], g.shape[1], g.shape[2:]
+    aL, aU, t = relax
+    c, rad = (box[1] + box[0]) / 2, (box[1] - box[0]) / 2
+    A_u = _d_nu(nu, aL, aU) * nu
+    nu_next = g + op.WT(A_u.reshape(spec * batch, *state)).view(g.shape)
+    r = nu - nu_next
+    dims = tuple(range(2, g.dim()))
+    bias = (nu.clamp(max=0) * t - r * c - r.abs() * rad).sum(dims)
+    return A_u, bias
 
 
 def deq_bound_backward(node, last_lA, last_uA, *x, **kwargs):
@@ -130,9 +147,29 @@ def deq_bound_backward(node, last_lA, last_uA, *x, **kwargs):
         if isinstance(last_A, Patches):
             last_A = _patches_to_dense(last_A, u_lo.shape)
         with torch.no_grad():
-            A_u, bias, _ = adjoint_lower(sign * last_A, op, relax, (lo, hi), (u_lo.detach(), u_hi.detach()),
-                                         max_iter=max_iter, tol=tol)
+            A_u, bias, _, nu = adjoint_lower(sign * last_A, op, relax, (lo, hi), (u_lo.detach(), u_hi.detach()),
+                                             max_iter=max_iter, tol=tol)
+        if needs_grad(last_A):
+            # same bound, recomputed with gradients to last_A, the cell weights and the u bounds
+            A_u, bias = adjoint_bound_at(nu, sign * last_A, grad_op(), grad_relax(), (lo, hi))
         return sign * A_u, sign * bias
+
+    def needs_grad(last_A):
+        tensors = [last_A, u_lo, u_hi, *params.values()]
+        return torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in tensors)
+
+    cache = {}
+
+    def grad_op():
+        if "op" not in cache:
+            cache["op"] = node.deq.cell.operator(params)
+            cache["op"].prepare(tuple(u_lo.shape[1:]))
+        return cache["op"]
+
+    def grad_relax():
+        if "relax" not in cache:
+            cache["relax"] = relu_relaxation(*preactivation_box(grad_op(), lo, hi, u_lo, u_hi))
+        return cache["relax"]
 
     lA, lbias = one_side(last_lA, 1.0)
     uA, ubias = one_side(last_uA, -1.0)
