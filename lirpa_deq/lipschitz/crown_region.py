@@ -42,7 +42,7 @@ def tighten_deq(lr, s_box, prefix, x, eps, norm, max_iter=100):
     G = op.WT(eye)  # row i: W^T e_i
     g = torch.cat([G, -G]).unsqueeze(1).expand(2 * n, B, *state)
     relax = relu_relaxation(*s_box)
-    A_u, bias, _ = adjoint_lower(g, op, relax, (lo, hi), (u_c - u_r, u_c + u_r), max_iter=max_iter)
+    A_u, bias, *_ = adjoint_lower(g, op, relax, (lo, hi), (u_c - u_r, u_c + u_r), max_iter=max_iter)
     sign_eye = torch.cat([eye, -eye]).unsqueeze(1)
     coef = A_u + sign_eye  # (2n, B, *state): coefficient on u
     flat = coef.reshape(2 * n * B, *state)
