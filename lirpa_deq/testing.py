@@ -55,13 +55,27 @@ def ball_samples(x, eps, n, norm=math.inf, generator=None, vertices=True):
     return x.unsqueeze(0) + delta
 
 
-def _project(x_adv, x, eps, norm):
+def project(x_adv, x, eps, norm, clip=None):
+    """Projection of ``x_adv`` onto the eps-ball around ``x`` (per row; l_inf or l2), then
+    optionally onto the box ``clip = (low, high)`` (e.g. the valid pixel range)."""
     if norm == math.inf:
-        return torch.max(torch.min(x_adv, x + eps), x - eps)
-    delta = x_adv - x
-    flat = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-    scale = torch.clamp(eps / flat, max=1.0).view(-1, *[1] * (x.dim() - 1))
-    return x + delta * scale
+        x_adv = torch.max(torch.min(x_adv, x + eps), x - eps)
+    else:
+        delta = x_adv - x
+        flat = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+        x_adv = x + delta * torch.clamp(eps / flat, max=1.0).view(-1, *[1] * (x.dim() - 1))
+    return x_adv.clamp(*clip) if clip is not None else x_adv
+
+
+def ascent_step(x_adv, grad, x, eps, norm, step_size, clip=None):
+    """One projected steepest-ascent step for the norm (sign of the gradient for l_inf, the
+    normalised gradient for l2), back into the eps-ball around ``x``. No graph is recorded."""
+    with torch.no_grad():
+        if norm == math.inf:
+            direction = grad.sign()
+        else:
+            direction = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+        return project(x_adv + step_size * direction, x, eps, norm, clip)
 
 
 def pgd_extremes(f, x, eps, steps=30, restarts=1, norm=math.inf, step_size=None, generator=None):
@@ -86,13 +100,7 @@ def pgd_extremes(f, x, eps, steps=30, restarts=1, norm=math.inf, step_size=None,
                 out = f(x_adv)
                 objective = sign * out.gather(1, pick.view(-1, 1)).sum()
                 (grad,) = torch.autograd.grad(objective, x_adv)
-                with torch.no_grad():
-                    if norm == math.inf:
-                        step = grad.sign()
-                    else:
-                        step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-                    x_adv = _project(x_adv + step_size * step, xk, eps, norm)
-                x_adv.requires_grad_(True)
+                x_adv = ascent_step(x_adv, grad, xk, eps, norm, step_size).requires_grad_(True)
             per_restart.append(x_adv.detach().view(k, *x.shape))
         results.append(torch.stack(per_restart))
     return results[0], results[1]

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
 
-from lirpa_deq.bounds import IntervalOptions, IntervalProofError, prove_interval_fixed_point
+from lirpa_deq.bounds import IntervalProofError
 from lirpa_deq.bounds.ball_box import monotone_ball_box
 from lirpa_deq.nn import DEQ, MonConv2d, MonLinear, OrthoConv2d, OrthoLinear
 from lirpa_deq.testing import assert_sound

@@ -19,15 +19,6 @@ TRAIN = ["train", "--dataset", "digits", "--model", "fc-deq", "--width", "32", "
          "--lr", "5e-3", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add OpenMP synchronisation (10-100x on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def call_main(argv):
     """main(argv) with torch's thread count restored afterwards (main sets --threads, default 1);
     argparse errors arrive as SystemExit and are returned as the exit code."""

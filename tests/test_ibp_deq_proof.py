@@ -21,16 +21,6 @@ F64 = torch.float64
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threading only adds synchronisation (on a busy 2-core box a
-    2-thread conv2d call of a few hundred FLOPs took ~20 ms instead of ~0.1 ms). Restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def ball(x, eps):
     return BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=eps))
 

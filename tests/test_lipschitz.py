@@ -16,14 +16,6 @@ from lirpa_deq.testing import pgd_extremes
 RTOL = 1e-7  # true gradients come from DEQ solves at tol 1e-10 (float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation cost
-    yield
-    torch.set_num_threads(n)
-
-
 def deq(cell):
     return DEQ(cell, tol=1e-10, max_iter=500)
 

@@ -18,14 +18,6 @@ from lirpa_deq.nn import DEQ, IBPMonLinear, MonLinear, OrthoLinear
 from lirpa_deq.nn.cells.base import MatrixOperator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small(dtype=torch.float64, cell=None, hidden=10):
     torch.manual_seed(0)
     cell = cell or IBPMonLinear(hidden)

@@ -15,16 +15,6 @@ from lirpa_deq.training import make_bounded
 TIGHT = {"tol": 1e-9, "max_iter": 300}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add OpenMP synchronisation, which costs
-    10-100x on a busy machine. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small(name, seed=0, input_shape=(1, 8, 8), width=4):
     torch.manual_seed(seed)
     kw = {"width": width}

@@ -9,26 +9,13 @@ import math
 
 import pytest
 import torch
-from scipy.stats import binomtest, norm
+from scipy.stats import norm
+
+from smoothing_helpers import Threshold, assert_rate_at_most
 
 from lirpa_deq.smoothing import ABSTAIN, Smooth
 
 ALPHA = 0.1
-
-
-class Threshold:
-    def __init__(self, t):
-        self.t = t
-
-    def __call__(self, b):
-        z = b.reshape(b.shape[0], -1)[:, 0]
-        return torch.stack([self.t - z, z - self.t, torch.full_like(z, -10.0)], dim=1)
-
-
-def assert_rate_at_most(failures, trials, alpha, level=1e-3):
-    """Binomial test of H0: failure rate <= alpha; fails the test only if H0 is rejected at `level`."""
-    p = binomtest(failures, trials, alpha, alternative="greater").pvalue
-    assert p > level, f"{failures}/{trials} failures: rate significantly above alpha={alpha} (p={p:.2g})"
 
 
 @pytest.mark.parametrize("p_a,sigma,n", [(0.8, 1.0, 200), (0.97, 0.5, 300)])

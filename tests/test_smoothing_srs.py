@@ -20,27 +20,12 @@ import pytest
 import torch
 from scipy.stats import binomtest, norm
 
+from smoothing_helpers import Threshold, assert_rate_at_most
+
 from lirpa_deq.smoothing import ABSTAIN, SerializedSmooth, Smooth, cp_lower
 
 ALPHA = 0.1
 SIGMA = 1.0
-
-
-class Threshold:
-    """Converged classifier: class 0 iff z[0] < t (class 2 never)."""
-
-    def __init__(self, t):
-        self.t = t
-
-    def __call__(self, b):
-        z = b.reshape(b.shape[0], -1)[:, 0]
-        return torch.stack([self.t - z, z - self.t, torch.full_like(z, -10.0)], dim=1)
-
-
-def assert_rate_at_most(failures, trials, alpha, level=1e-3):
-    """Binomial test of H0: failure rate <= alpha; fails only if H0 is rejected at `level`."""
-    p = binomtest(int(failures), trials, alpha, alternative="greater").pvalue
-    assert p > level, f"{failures}/{trials} failures: rate significantly above alpha={alpha} (p={p:.2g})"
 
 
 def assert_rate_above(failures, trials, alpha, level=1e-3):

@@ -11,15 +11,6 @@ from lirpa_deq.training import (CheckpointError, LinearRamp, SmoothedRamp, StepL
                                 load_checkpoint, margin_spec, model_from_checkpoint, robust_ce)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add OpenMP synchronisation (10-100x on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     ds = get_dataset("digits", "train")

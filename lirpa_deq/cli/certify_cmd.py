@@ -6,7 +6,6 @@ broken by PGD is counted in ``summary['certified_but_attacked']`` (must be 0: a 
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch

@@ -28,7 +28,7 @@ import io
 import os
 import pickle
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch

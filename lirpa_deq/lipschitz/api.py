@@ -146,11 +146,9 @@ def margin_spec(labels, num_classes, x):
         raise ValueError("certification needs at least 2 classes")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes - 1}]")
-    labels = labels.to(x.device)
-    eye = torch.eye(num_classes, dtype=x.dtype, device=x.device)
-    others = torch.stack([torch.cat([torch.arange(y), torch.arange(y + 1, num_classes)])
-                          for y in labels.tolist()]).to(x.device)
-    return eye[labels].unsqueeze(1) - eye[others]
+    from ..training.losses import margin_spec as margin_rows
+
+    return margin_rows(labels.to(x.device), num_classes).to(x.dtype)
 
 
 def _options(options):

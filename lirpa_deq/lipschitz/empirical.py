@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..testing import _project, ball_samples
+from ..testing import ascent_step, ball_samples
 from .closed_form import dual_norm
 from .layers import flatten_model
 
@@ -122,12 +122,7 @@ def ascent_lipschitz(model, x, eps, C, norm=math.inf, steps=20, restarts=2, step
             _, pre = _forward_preacts(layers, xv)
             psi = sum((t.detach() * p).sum() for t, p in zip(ts, pre))
             (gx,) = torch.autograd.grad(psi, xv)
-            with torch.no_grad():
-                if norm == math.inf:
-                    stepv = gx.sign()
-                else:
-                    stepv = gx / gx.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (x.dim() - 1))
-                cur = _project(cur + step_size * stepv, xk, eps, norm)
+            cur = ascent_step(cur, gx, xk, eps, norm, step_size)
     return best.view(B, K)
 
 

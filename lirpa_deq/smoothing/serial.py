@@ -28,7 +28,6 @@ import contextlib
 import math
 from typing import Callable, ContextManager, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .core import Smooth, CertifyResult, _progress, check_positive_int, gaussian_noise, make_generator

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..testing import ascent_step, project
 from .losses import make_bounded, margin_lower_bounds
 
 
@@ -23,16 +24,6 @@ from .losses import make_bounded, margin_lower_bounds
 def predict(model, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """argmax predictions (B,) of ``model`` on x (B, *input_shape), in batches."""
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-
-
-def _project(x_adv, x, eps, norm, clip):
-    if norm == math.inf:
-        x_adv = torch.max(torch.min(x_adv, x + eps), x - eps)
-    else:
-        d = x_adv - x
-        n = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-        x_adv = x + d * torch.clamp(eps / n, max=1.0)
-    return x_adv.clamp(*clip) if clip is not None else x_adv
 
 
 def pgd_robust(model, x, y, eps, steps=20, restarts=1, norm=math.inf, clip=(0.0, 1.0), step_size=None,
@@ -51,7 +42,7 @@ def pgd_robust(model, x, y, eps, steps=20, restarts=1, norm=math.inf, clip=(0.0,
             noise = torch.rand(xb.shape, generator=g, device=x.device, dtype=x.dtype) * 2 - 1
             if norm != math.inf:
                 noise = noise / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-            xa = _project(xb + eps * noise, xb, eps, norm, clip)
+            xa = project(xb + eps * noise, xb, eps, norm, clip)
             for _ in range(steps):
                 xa.requires_grad_(True)
                 logits = model(xa)
@@ -60,12 +51,7 @@ def pgd_robust(model, x, y, eps, steps=20, restarts=1, norm=math.inf, clip=(0.0,
                 other.scatter_(1, yb.view(-1, 1), -float("inf"))
                 loss = (other.max(1).values - true).sum()
                 (grad,) = torch.autograd.grad(loss, xa)
-                with torch.no_grad():
-                    if norm == math.inf:
-                        step = grad.sign()
-                    else:
-                        step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-                    xa = _project(xa + step_size * step, xb, eps, norm, clip)
+                xa = ascent_step(xa, grad, xb, eps, norm, step_size, clip)
             with torch.no_grad():
                 ok &= model(xa).argmax(1) == yb
         out.append(ok)
