@@ -185,6 +185,8 @@ def _err(exc):
 
 
 def main(argv=None):
+    """Run ``lirpa-deq`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status (0 ok, 1 a
+    certified point was broken by PGD, 2 a usage or data error, reported as one line on stderr)."""
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)  # auto_LiRPA / ONNX trace chatter
     warnings.filterwarnings("ignore", category=DeprecationWarning)

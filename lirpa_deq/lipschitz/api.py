@@ -59,6 +59,11 @@ class LipschitzOptions:
 
 @dataclasses.dataclass
 class LipschitzReport:
+    """Result of :func:`lipschitz_report`: ``bound`` (B, K) is the requested method's bound (the
+    minimum with the cheaper methods' bounds, all sound); ``raw`` maps each computed method to its
+    own (B, K) bound (inf where unavailable); ``info`` holds diagnostics (unroll lengths, global
+    factors per layer, DEQ box methods, unstable neuron counts, ...)."""
+
     bound: torch.Tensor   # (B, K): the requested method's bound (min with the cheaper methods)
     raw: dict             # method -> (B, K) that method's own bound (inf where unavailable)
     info: dict            # diagnostics: unroll lengths, global factors, DEQ box methods, ...
