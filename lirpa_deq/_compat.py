@@ -224,8 +224,32 @@ def _avgpool_view():
     return True
 
 
+@_shim("sigmoid_table_dtype")
+def _sigmoid_table_dtype():
+    # 0.3 precomputes the tangent-point tables of tanh / sigmoid relaxations in float32 and mixes
+    # them into float64 bounds (index_put dtype error in CROWN of float64 models); cast the tables
+    # to the bound's dtype (widening float32 -> float64 keeps every tangent point exactly).
+    from auto_LiRPA.operators import BoundTanh
+
+    original = BoundTanh.bound_relax_impl
+    if "d_lower.to(" in inspect.getsource(original) or not hasattr(BoundTanh, "precompute_relaxation"):
+        return False
+
+    @functools.wraps(original)
+    def bound_relax_impl(self, x, func, dfunc):
+        dtype = x.lower.dtype
+        for name in ("d_lower", "d_upper"):
+            table = getattr(self, name, None)
+            if isinstance(table, torch.Tensor) and table.dtype != dtype:
+                setattr(self, name, table.to(dtype))
+        return original(self, x, func, dfunc)
+
+    BoundTanh.bound_relax_impl = bound_relax_impl
+    return True
+
+
 POST_IMPORT = [_named_members_remove_duplicate, _add_sub_patches_mode, _dense_intermediate_specs, _maxpool_alpha_spec,
-               _avgpool_view]
+               _avgpool_view, _sigmoid_table_dtype]
 
 
 def apply():

@@ -80,6 +80,12 @@ def probe_avgpool4():
     _bounds(model, torch.rand(2, 1, 8, 8), "CROWN")
 
 
+def probe_tanh_float64():
+    import lirpa_deq  # noqa: F401
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    _bounds(model, torch.rand(2, 4, dtype=torch.float64), "CROWN")
+
+
 # which probe proves each shim necessary
 SHIM_PROBES = {
     "numpy_arraysetops": "import",
@@ -91,6 +97,7 @@ SHIM_PROBES = {
     "dense_intermediate_specs": "relu_affine_sound",
     "maxpool_alpha_spec": "maxpool_alpha",
     "avgpool_view": "avgpool4",
+    "sigmoid_table_dtype": "tanh_float64",
 }
 
 if __name__ == "__main__":

@@ -117,8 +117,10 @@ def test_bad_options_raise_value_error(kwargs, match):
 
 
 def test_bad_cell_and_shapes():
-    with pytest.raises(TypeError, match="ReLUAffineCell"):
-        DEQ(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match=r"nn.Module cell with forward\(z, x\)"):
+        DEQ(lambda z, x: z)
+    with pytest.raises(ValueError, match="splitting solver.*generic cell"):
+        DEQ(nn.Linear(3, 3), solver="peaceman_rachford")
     deq = DEQ(L.IBPMonLinear(4))
     with pytest.raises(ValueError, match=r"\(B, 4\)"):
         deq(torch.randn(2, 5))

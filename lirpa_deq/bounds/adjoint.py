@@ -176,6 +176,13 @@ def deq_bound_backward(node, last_lA, last_uA, *x, **kwargs):
     return [(lA, uA)] + [(None, None)] * len(param_nodes), lbias, ubias
 
 
+def dense_last_A(last_A, state_shape):
+    """A coefficient tensor or auto_LiRPA Patches -> dense (spec, batch, *state)."""
+    from auto_LiRPA.patches import Patches
+
+    return _patches_to_dense(last_A, state_shape) if isinstance(last_A, Patches) else last_A
+
+
 def _patches_to_dense(patches, state_shape):
     """auto_LiRPA Patches (conv-mode coefficients) -> dense (spec, batch, *state), as
     auto_LiRPA's own BoundReshape does: patches_to_matrix gives (batch, spec, *state)."""

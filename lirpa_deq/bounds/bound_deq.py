@@ -98,6 +98,12 @@ class BoundDEQ(Bound):
         if self._box_key is not None and _same(self._box_key, key):
             return self.box
         deq = self.deq
+        if deq.generic:
+            from .generic.bound import generic_box
+            with torch.no_grad():
+                lo, hi, info = generic_box(self, u_lo, u_hi, self._warm_start(u_lo, u_hi, detached))
+            self.box, self.box_info, self._box_key = (lo, hi), info, key
+            return lo, hi
         with torch.no_grad():
             op = deq.cell.operator(detached)
             op.prepare(tuple(u_lo.shape[1:]))
@@ -119,7 +125,8 @@ class BoundDEQ(Bound):
         input, which auto_LiRPA computed already) when it fits, else a solve at the box centre.
         Only a starting point: soundness comes from the proof."""
         fv = getattr(self, "forward_value", None)
-        if isinstance(fv, torch.Tensor) and fv.shape == u_lo.shape and fv.dtype == u_lo.dtype \
+        if isinstance(fv, torch.Tensor) and tuple(fv.shape) == self.deq.state_shape(u_lo.shape) \
+                and fv.dtype == u_lo.dtype \
                 and bool(torch.isfinite(fv).all()):
             return fv.detach()
         return self.deq.solve((u_lo + u_hi) / 2, params=params)
@@ -129,6 +136,9 @@ class BoundDEQ(Bound):
         self._check_params_unperturbed(param_intervals)
         params = self._params([p[0] for p in param_intervals])
         lo, hi = self.interval_box(u_lo, u_hi, params)
+        if self.deq.generic:
+            from .generic.bound import generic_interval_step
+            return generic_interval_step(self, (lo, hi), u_lo, u_hi)
         op = self.deq.cell.operator(params)  # with grad: training differentiates the bound
         op.prepare(tuple(u_lo.shape[1:]))
         if self.box_info["box"] == "interval-post-fixpoint":
@@ -140,6 +150,16 @@ class BoundDEQ(Bound):
     # ---------------------------------------------------------------------------- backward
     def bound_backward(self, last_lA, last_uA, *x, **kwargs):
         from .adjoint import deq_bound_backward  # the adjoint-DEQ (CROWN) bound
+
+        if self.deq.generic:
+            from .adjoint import dense_last_A
+            from .generic.bound import generic_bound_backward
+            for i in range(1, len(x)):
+                if self.is_input_perturbed(i):
+                    raise NotImplementedError("perturbed DEQ cell parameters are not supported")
+            params = self._params([p.forward_value if getattr(p, "forward_value", None) is not None
+                                   else p.value for p in x[1:]])
+            return generic_bound_backward(self, last_lA, last_uA, x[0], params, dense_last_A)
 
         return deq_bound_backward(self, last_lA, last_uA, *x, **kwargs)
 

@@ -66,7 +66,7 @@ class DEQFixedPoint(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, u, z_star, key, *params):
-        return g.op(OP_NAME, u, *params, deq_i=int(key)).setType(u.type())
+        return g.op(OP_NAME, u, *params, deq_i=int(key)).setType(z_star.type())
 
 
 def traced_deq(deq, u):

@@ -17,8 +17,9 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..solvers import ReLUAffineProblem, get_solver, solver_options
+from ..solvers import ReLUAffineProblem, get_solver, requires_problem, solver_options
 from .cells.base import ReLUAffineCell
+from .generic import generic_solve, generic_state_shape
 
 ON_NONCONVERGENCE = ("warn", "raise", "ignore")
 
@@ -44,9 +45,14 @@ def _check_iters(name, v):
 
 
 class DEQ(nn.Module):
-    """Deep equilibrium layer around a :class:`ReLUAffineCell`.
+    """Deep equilibrium layer ``z* = cell(z*, u)``.
 
-    forward(u, z0=None) -> z* of u's shape (``(B, n)`` or ``(B, C, H, W)``).
+    cell: a :class:`ReLUAffineCell` (the specialized, fastest path: splitting solvers, proved
+    structure) or ANY ``nn.Module`` with ``forward(z, x) -> z`` (a *generic* cell, bounded through
+    a nested auto_LiRPA module; see docs/generic.md). A generic cell's state has x's shape unless
+    it defines ``state_shape(x_shape) -> z_shape``.
+
+    forward(u, z0=None) -> z*, of u's shape for ReLU-affine cells (``(B, n)`` or ``(B, C, H, W)``).
     solver / backward_solver: names from ``lirpa_deq.solvers.SOLVERS`` (the backward solver
     defaults to the forward one). tol / max_iter: forward stopping rule (relative residual
     ``||f(z) - z|| / ||z||`` per sample); backward_* default to the forward values.
@@ -63,11 +69,18 @@ class DEQ(nn.Module):
                  backward_tol: float | None = None, backward_max_iter: int | None = None,
                  implicit: bool = True, on_nonconvergence: str = "warn", **solver_opts):
         super().__init__()
-        if not isinstance(cell, ReLUAffineCell):
-            raise TypeError(f"DEQ needs a ReLUAffineCell, got {type(cell).__name__}")
+        if not isinstance(cell, nn.Module):
+            raise TypeError(f"DEQ needs an nn.Module cell with forward(z, x) -> z, got {type(cell).__name__}")
         self.cell = cell
+        self.generic = not isinstance(cell, ReLUAffineCell)
         self._solver = get_solver(solver)
         self._bsolver = get_solver(solver if backward_solver is None else backward_solver)
+        if self.generic:
+            for role, s in (("solver", self._solver), ("backward_solver", self._bsolver)):
+                if requires_problem(s):
+                    raise ValueError(f"{role}={s.__name__!r} is a splitting solver, which needs a ReLU-affine "
+                                     f"cell; {type(cell).__name__} is a generic cell: use 'anderson', "
+                                     "'broyden' or 'fixed_point_iter'")
         self.solver = solver
         self.backward_solver = solver if backward_solver is None else backward_solver
         self.tol = _check_tol("tol", tol)
@@ -99,9 +112,16 @@ class DEQ(nn.Module):
         return self.solve(u, z0=z0)
 
     def solve(self, u: torch.Tensor, params: dict | None = None, z0: torch.Tensor | None = None):
-        """The fixed point for injection ``u``; ``params`` overrides cell parameters exactly as
-        in ``cell.operator(params)`` (gradients then reach those tensors). ``z0``: warm start
-        of u's shape (default zeros, or the previous solution under ``serial_warm_start``)."""
+        """The fixed point for injection (input) ``u``; ``params`` overrides cell parameters
+        (name -> tensor, keys of ``cell.named_parameters()``; gradients then reach those tensors).
+        ``z0``: warm start of the state's shape (default zeros, or the previous solution under
+        ``serial_warm_start``)."""
+        if self.generic:
+            z0, max_iter, policy = self._start(u, z0)
+            out = generic_solve(self, u, params, z0, max_iter, policy)
+            if self._serial is not None:
+                self._serial["prev"] = out.detach()
+            return out
         self.cell.state_shape(u.shape)
         op = self.cell.operator(params)
         op.prepare(tuple(u.shape[1:]))  # size-dependent pieces built once, with grad
@@ -128,16 +148,23 @@ class DEQ(nn.Module):
     def _start(self, u, z0):
         serial = self._serial
         policy = self.on_nonconvergence if serial is None else "ignore"
+        shape = self.state_shape(u.shape)
         if z0 is not None:
-            if z0.shape != u.shape:
-                raise ValueError(f"z0 shape {tuple(z0.shape)} != injection shape {tuple(u.shape)}")
+            if tuple(z0.shape) != shape:
+                raise ValueError(f"z0 shape {tuple(z0.shape)} != state shape {shape}")
             return z0.to(dtype=u.dtype, device=u.device), self.max_iter, policy
         if serial is not None:
             prev = serial["prev"]
-            if prev is not None and prev.shape == u.shape and prev.dtype == u.dtype \
+            if prev is not None and tuple(prev.shape) == shape and prev.dtype == u.dtype \
                     and prev.device == u.device:
                 return prev, serial["max_iter"], policy
-        return torch.zeros_like(u, memory_format=torch.contiguous_format), self.max_iter, policy
+        return torch.zeros(shape, dtype=u.dtype, device=u.device), self.max_iter, policy
+
+    def state_shape(self, x_shape):
+        """Full shape of z* for an input of shape ``x_shape``."""
+        if self.generic:
+            return generic_state_shape(self.cell, x_shape)
+        return tuple(x_shape)
 
     def _attach_adjoint(self, out, op, policy):
         mask = (out.detach() > 0).to(out.dtype)  # relu'(s*) exactly as autograd uses it
@@ -164,10 +191,12 @@ class DEQ(nn.Module):
         if stats.converged or policy == "ignore":
             return
         tol = self.tol if phase == "forward" else self.backward_tol
+        hint = ("raise max_iter, or check that the cell is a contraction in z "
+                "(lirpa_deq.bounds.generic.graph_lipschitz)" if self.generic else
+                "raise max_iter, use solver='peaceman_rachford' (converges for every monotone "
+                "cell), or check the cell's margin (cell.check())")
         msg = (f"DEQ {phase} solve with {stats.solver} did not converge: residual "
-               f"{stats.residual:.3e} > tol {tol:g} after {stats.iterations} iterations. Hint: "
-               f"raise max_iter, use solver='peaceman_rachford' (converges for every monotone "
-               f"cell), or check the cell's margin (cell.check()).")
+               f"{stats.residual:.3e} > tol {tol:g} after {stats.iterations} iterations. Hint: {hint}.")
         if policy == "raise":
             raise DEQConvergenceError(msg)
         warnings.warn(msg, DEQConvergenceWarning, stacklevel=4)

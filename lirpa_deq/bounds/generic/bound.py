@@ -1,0 +1,81 @@
+"""The generic-cell branch of BoundDEQ: box, differentiable IBP step, adjoint CROWN bound.
+
+BoundDEQ calls these when its DEQ layer holds a generic cell (``deq.generic``); node input 0 is
+the DEQ input x, the others are the cell parameters (unperturbed), exactly as for ReLU-affine cells.
+"""
+from __future__ import annotations
+
+import torch
+
+from .adjoint import bound_at, generic_adjoint_lower
+from .box import prove_generic_box
+from .cell_bounder import CellBounder
+from .contraction import contraction_certificate
+
+
+def bounder_for(node, z, x):
+    """The node's CellBounder for these shapes (rebuilt when shapes or cell buffers change)."""
+    bounder = getattr(node, "_generic_bounder", None)
+    if bounder is None or bounder.cell is not node.deq.cell or not bounder.matches(z, x):
+        bounder = CellBounder(node.deq.cell, z.detach(), x.detach())
+        node._generic_bounder = bounder
+    return bounder
+
+
+def generic_box(node, x_lo, x_hi, z_mid):
+    """(lo, hi, info): the proved box of z* for x in [x_lo, x_hi] (no gradients)."""
+    deq = node.deq
+    bounder = bounder_for(node, z_mid, x_lo)
+    x_mid = (x_lo + x_hi) / 2
+    lipschitz, source = contraction_certificate(deq.cell, bounder, z_mid, x_mid)
+    lo, hi, info = prove_generic_box(bounder, z_mid, x_lo, x_hi, lipschitz, node.interval_options)
+    info.update(lipschitz=lipschitz, lipschitz_source=source)
+    return lo, hi, info
+
+
+def generic_interval_step(node, box, x_lo, x_hi):
+    """z* ∈ F(B) ∩ B for the proved box B: one nested IBP step, differentiable in the x bounds and
+    the cell parameters (certified training)."""
+    lo, hi = box
+    bounder = bounder_for(node, lo, x_lo)
+    a, b = bounder.ibp((lo, hi), (x_lo, x_hi))
+    slack = bounder.rounding_slack(lo, hi, a.detach(), b.detach())
+    return torch.maximum(a - slack, lo), torch.minimum(b + slack, hi)
+
+
+def generic_bound_backward(node, last_lA, last_uA, x_node, params, dense):
+    """Coefficients on the DEQ input x and biases (see lirpa_deq.bounds.generic.adjoint).
+
+    dense: converts a last_A (Tensor or Patches) to a dense (spec, B, *z_shape) tensor."""
+    x_lo, x_hi = x_node.lower, x_node.upper
+    if x_lo is None or x_hi is None:
+        raise RuntimeError("bounds of the DEQ input are missing (requires_input_bounds)")
+    lo, hi = node.interval_box(x_lo, x_hi, params)
+    bounder = bounder_for(node, lo, x_lo)
+    batch, z_shape, x_shape = lo.shape[0], lo.shape[1:], x_lo.shape[1:]
+    flat = lambda t: t.reshape(batch, -1)  # noqa: E731
+    box, x_box = (flat(lo), flat(hi)), (flat(x_lo.detach()), flat(x_hi.detach()))
+    sides = [(last_lA, 1.0), (last_uA, -1.0)]
+    grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad
+        for t in [last_lA, last_uA, x_lo, x_hi, *params.values()])
+    with torch.set_grad_enabled(grad):
+        lin = bounder.linear((lo, hi), (x_lo, x_hi))
+    lin_const = {k: v.detach() for k, v in lin.items()}
+    opts = node.adjoint_options
+    out = []
+    for last_A, sign in sides:
+        if last_A is None:
+            out.append((None, 0))
+            continue
+        g = sign * dense(last_A, (batch, *z_shape))
+        spec = g.shape[0]
+        g = g.reshape(spec, batch, -1)
+        A_x, bias, _, nu = generic_adjoint_lower(g.detach(), lin_const, box, x_box,
+                                                 max_iter=int(opts.get("adjoint_max_iter", 100)),
+                                                 tol=float(opts.get("adjoint_tol", 1e-6)))
+        if grad:
+            A_x, bias = bound_at(nu, g, lin, box)
+        out.append((sign * A_x.reshape(spec, batch, *x_shape), sign * bias))
+    (lA, lbias), (uA, ubias) = out
+    return [(lA, uA)] + [(None, None)] * len(params), lbias, ubias

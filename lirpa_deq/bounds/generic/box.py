@@ -1,0 +1,107 @@
+"""A PROVED box containing z*(x) = cell(z*(x), x) for every x in [x_lo, x_hi], for a generic cell.
+
+Let F(Z) be the nested auto_LiRPA interval of cell(z, x) over z in Z, x in the x box, widened by a
+floating-point margin. Two sound constructions, both relying on the cell's proved contraction
+(L < 1 in z, l2), which makes the fixed point unique:
+
+1. **Post-fixpoint** (as for ReLU-affine cells): if F(B) ⊆ B, the continuous map z -> cell(z, x)
+   sends the compact convex B into itself, so (Brouwer) it has a fixed point in B, which by
+   uniqueness is z*(x); and z*(x) = cell(z*(x), x) ∈ F(B). B is found by a heuristic search from
+   the point solution (Anderson on the interval map) and then a widening iteration
+   B <- hull(B, F(B)) + pad, checked after every step.
+2. **Contraction ball** (fallback, always available): with z0 any point and
+   rho = max_{x} ||cell(z0, x) - z0||_2 (bounded coordinatewise by the interval F({z0})),
+   ||z*(x) - z0|| <= L ||z*(x) - z0|| + rho, so z*(x) lies in the l2 ball of radius rho / (1 - L)
+   around z0, hence in its bounding box.
+
+Either way, z* ∈ F(B) ∩ B for any proved B, so further intersected interval steps tighten the box
+soundly.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...solvers import get_solver
+from ..interval import IntervalOptions, IntervalProofError
+
+
+def _interval_map(bounder, x_box):
+    """F with a rounding margin: (lo, hi) -> sound widened interval of the cell."""
+    def F(lo, hi):
+        a, b = bounder.ibp((lo, hi), x_box)
+        slack = bounder.rounding_slack(lo, hi, a, b)
+        return a - slack, b + slack
+    return F
+
+
+def _search(F, z_mid, opts):
+    solver = get_solver(opts.solver)
+
+    def stacked(v):
+        a, b = F(v[:, 0], v[:, 1])
+        return torch.stack([a, b], 1)
+
+    v, stats = solver(stacked, torch.stack([z_mid, z_mid], 1), tol=opts.tol, max_iter=opts.max_iter)
+    lo, hi = v[:, 0], v[:, 1]
+    return torch.minimum(lo, hi), torch.maximum(lo, hi), stats
+
+
+def _inside(a, b, lo, hi):
+    return bool((a >= lo).all() and (b <= hi).all())
+
+
+def _post_fixpoint(F, z_mid, opts):
+    lo, hi, stats = _search(F, z_mid, opts)
+    view = (-1,) + (1,) * (z_mid.dim() - 1)
+    scale = 1.0
+    for attempt in range(opts.retries + 1):
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            break
+        a, b = F(lo, hi)
+        resid = torch.maximum((a - lo).abs(), (b - hi).abs())
+        size = torch.maximum(lo.abs(), hi.abs())
+        t = scale * (2 * resid + opts.inflate_abs * (1 + size)).flatten(1).max(1).values
+        pad = t.view(view) + scale * opts.inflate_rel * (hi - lo)
+        B_lo, B_hi = lo - pad, hi + pad
+        for _ in range(max(opts.retry_iters, 1)):  # widening: hull(B, F(B)) until F(B) ⊆ B
+            a, b = F(B_lo, B_hi)
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                break
+            if _inside(a, b, B_lo, B_hi):
+                return a, b, dict(search_iterations=stats.iterations, search_residual=stats.residual,
+                                  attempts=attempt + 1, box="interval-post-fixpoint")
+            B_lo, B_hi = torch.minimum(B_lo, a - pad), torch.maximum(B_hi, b + pad)
+        scale *= 10
+    raise IntervalProofError(f"no post-fixpoint of the generic cell's interval map found (search residual "
+                             f"{stats.residual:.2e} after {stats.iterations} iterations)")
+
+
+def contraction_ball_box(F, z0, lipschitz):
+    """The fallback box z0 ± rho / (1 - L) (see module doc); z0 (B, *state)."""
+    a, b = F(z0, z0)
+    dev = torch.maximum((a - z0).abs(), (b - z0).abs())
+    rho = dev.flatten(1).norm(dim=1)
+    radius = (rho / (1 - lipschitz)) * (1 + 1e-6)
+    radius = radius.view((-1,) + (1,) * (z0.dim() - 1))
+    return z0 - radius, z0 + radius
+
+
+@torch.no_grad()
+def prove_generic_box(bounder, z_mid, x_lo, x_hi, lipschitz, opts: IntervalOptions | None = None):
+    """A PROVED box (lo, hi, info) containing z*(x) for every x in [x_lo, x_hi] (see module doc).
+
+    bounder: the cell's CellBounder; z_mid: (B, *state) starting point (e.g. the point solution);
+    lipschitz: the cell's proved z-contraction constant (< 1)."""
+    opts = opts or IntervalOptions()
+    F = _interval_map(bounder, (x_lo, x_hi))
+    try:
+        lo, hi, info = _post_fixpoint(F, z_mid, opts)
+    except IntervalProofError as err:
+        if not opts.fallback:
+            raise
+        lo, hi = contraction_ball_box(F, z_mid, lipschitz)
+        info = {"box": "contraction-ball", "interval_error": str(err)}
+    for _ in range(opts.tighten_steps):
+        a, b = F(lo, hi)
+        lo, hi = torch.maximum(lo, a), torch.minimum(hi, b)
+    return lo, hi, info

@@ -1,0 +1,155 @@
+"""Bounds of ONE application of a generic cell, ``cell(z, x)``, by a nested auto_LiRPA module.
+
+:class:`CellBounder` wraps the cell in a ``BoundedModule`` over the two inputs (z, x), both
+perturbed in l_inf boxes, and exposes what the fixed-point bounds need:
+
+* ``ibp(z_box, x_box)`` -> an interval containing ``cell(z, x)`` for every z, x of the boxes
+  (auto_LiRPA's IBP, sound up to floating-point rounding, which callers widen for);
+* ``linear(z_box, x_box)`` -> CROWN's linear bounds of the cell over the boxes,
+  ``Lz z + Lx x + bl <= cell(z, x) <= Uz z + Ux x + bu`` (``return_A`` w.r.t. both inputs).
+
+The nested module shares the cell's parameters (auto_LiRPA registers the same tensors), so
+gradients of these bounds reach the cell. It snapshots buffers (e.g. BatchNorm statistics), so
+it is rebuilt whenever a buffer changes: see :meth:`CellBounder.matches`. Cells with torch
+parametrizations (``spectral_norm``, ``orthogonal``) are traced as a copy whose parametrized weights
+are plain tensors (auto_LiRPA cannot trace the parametrization's own ops): the module is then
+rebuilt whenever any parameter changes, and bound gradients do not reach the parametrized weights.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class _CellOfZX(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, z, x):
+        # flattened: auto_LiRPA 0.3's CROWN needs a (B, n) output for its identity specification
+        return self.cell(z, x).flatten(1)
+
+
+def _parametrized(cell):
+    from torch.nn.utils import parametrize
+
+    return any(parametrize.is_parametrized(m) for m in cell.modules())
+
+
+def _without_parametrizations(cell):
+    """A copy of the cell whose parametrized tensors are plain parameters holding their current
+    values (torch refuses to trace through cached parametrizations). torch's own
+    remove_parametrizations edits the parametrized class, which the copy shares with the
+    original, so the instance is switched back to its base class by hand."""
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    clone = copy.deepcopy(cell)
+    for m in clone.modules():
+        if parametrize.is_parametrized(m):
+            with torch.no_grad():
+                values = {name: getattr(m, name).detach().clone() for name in m.parametrizations}
+            del m._modules["parametrizations"]
+            m.__class__ = m.__class__.__bases__[0]
+            for name, value in values.items():
+                m.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    return clone
+
+
+def _snapshot(cell):
+    """Tensors whose change invalidates the nested module: buffers (auto_LiRPA copies them) and,
+    for parametrized cells (traced with their weights as constants), every parameter."""
+    tensors = list(cell.buffers())
+    if _parametrized(cell):
+        tensors += list(cell.parameters())
+    return tuple(t.detach() for t in tensors)
+
+
+def check_eval_mode(cell):
+    """Batch statistics make a cell depend on the whole batch: no per-sample bound exists."""
+    for name, m in cell.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise ValueError(f"cell module {name or type(m).__name__!r} is a BatchNorm in training mode; its "
+                             "output depends on the batch statistics, so the cell has no per-sample bound. "
+                             "Call model.eval() before computing bounds.")
+
+
+class CellBounder:
+    """Nested auto_LiRPA bounds of ``cell(z, x)`` for z of ``z_example``'s shape and x of
+    ``x_example``'s shape (both ``(B, ...)``; a new bounder is built for other shapes)."""
+
+    def __init__(self, cell, z_example, x_example):
+        from auto_LiRPA import BoundedModule
+        from auto_LiRPA.bound_ops import BoundInput, BoundParams, BoundBuffers
+
+        check_eval_mode(cell)
+        self.cell = cell
+        self.key = (tuple(z_example.shape), tuple(x_example.shape), z_example.dtype, z_example.device)
+        self.buffers = tuple(b.clone() for b in _snapshot(cell))
+        self.parametrized = _parametrized(cell)
+        traced = _without_parametrizations(cell) if self.parametrized else cell
+        wrapper = _CellOfZX(traced)
+        wrapper.training = cell.training  # the wrapper's own flag only; auto_LiRPA traces in its mode
+        self.module = BoundedModule(wrapper, (z_example.detach(), x_example.detach()),
+                                    bound_opts={"conv_mode": "matrix"}, device=z_example.device)
+        roots = [name for name, node in self.module._modules.items()
+                 if isinstance(node, BoundInput) and not isinstance(node, (BoundParams, BoundBuffers))]
+        if len(roots) != 2:
+            raise RuntimeError(f"nested auto_LiRPA module of the cell has inputs {roots}, expected (z, x)")
+        self.z_name, self.x_name = roots
+        self.out_name = self.module.final_name
+        self.num_nodes = len(self.module._modules)
+
+    def matches(self, z, x):
+        """Usable for these inputs: same shapes/dtype/device and unchanged buffers."""
+        if (tuple(z.shape), tuple(x.shape), z.dtype, z.device) != self.key:
+            return False
+        now = _snapshot(self.cell)
+        return len(now) == len(self.buffers) and all(
+            a.shape == b.shape and torch.equal(a, b) for a, b in zip(now, self.buffers))
+
+    def _inputs(self, z_box, x_box):
+        from auto_LiRPA import BoundedTensor, PerturbationLpNorm
+
+        def bounded(lo, hi):
+            return BoundedTensor((lo + hi) / 2, PerturbationLpNorm(norm=math.inf, x_L=lo, x_U=hi))
+
+        return (bounded(*z_box), bounded(*x_box))
+
+    def ibp(self, z_box, x_box):
+        """(lo, hi) of cell(z, x) over the boxes, each (B, *z_shape)."""
+        lb, ub = self.module.compute_bounds(x=self._inputs(z_box, x_box), method="IBP")
+        return lb.reshape(z_box[0].shape), ub.reshape(z_box[0].shape)
+
+    def linear(self, z_box, x_box):
+        """CROWN's linear bounds of the cell over the boxes, flattened per sample: dict with
+        Lz, Uz (B, n, n), Lx, Ux (B, n, m), bl, bu (B, n), and the concrete lo, hi (B, *z_shape);
+        n = z numel, m = x numel per sample."""
+        batch, n = z_box[0].shape[0], z_box[0][0].numel()
+        # explicit identity specification: 0.3's default C is float32 whatever the model's dtype
+        C = torch.eye(n, dtype=z_box[0].dtype, device=z_box[0].device).expand(batch, n, n)
+        lb, ub, A = self.module.compute_bounds(
+            x=self._inputs(z_box, x_box), C=C, method="CROWN", return_A=True,
+            needed_A_dict={self.out_name: [self.z_name, self.x_name]})
+        Az, Ax = A[self.out_name][self.z_name], A[self.out_name][self.x_name]
+        flat = lambda t, width: t.reshape(batch, n, width)  # noqa: E731
+        m = x_box[0][0].numel()
+        return dict(Lz=flat(Az["lA"], n), Uz=flat(Az["uA"], n), Lx=flat(Ax["lA"], m),
+                    Ux=flat(Ax["uA"], m), bl=Az["lbias"].reshape(batch, n),
+                    bu=Az["ubias"].reshape(batch, n),
+                    lo=lb.reshape(z_box[0].shape), hi=ub.reshape(z_box[0].shape))
+
+    def rounding_slack(self, *tensors):
+        """Per-sample margin (B, 1, ..) for floating-point rounding of the nested bounds: auto_LiRPA
+        computes in plain float arithmetic. We allow (fan-in + 8) * eps * (1 + magnitude) per node
+        of the graph, fan-in <= the number of z and x entries, magnitude = largest entry involved."""
+        ref = tensors[0]
+        eps = torch.finfo(ref.dtype).eps
+        fan_in = math.prod(self.key[0][1:]) + math.prod(self.key[1][1:])
+        mag = torch.stack([t.detach().abs().flatten(1).max(1).values for t in tensors]).max(0).values
+        per_sample = self.num_nodes * (fan_in + 8) * eps * (1 + mag)
+        return per_sample.view((-1,) + (1,) * (ref.dim() - 1)) + torch.finfo(ref.dtype).tiny

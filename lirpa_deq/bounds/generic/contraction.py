@@ -1,0 +1,193 @@
+"""Well-posedness of a generic DEQ cell: a PROVED contraction of ``z -> cell(z, x)``.
+
+The fixed-point bounds of a generic cell need the fixed point to be unique for every admissible x
+(otherwise a box containing *a* fixed point says nothing about the one the solver returns). We
+require a constant ``L < 1`` with ``||cell(z, x) - cell(z', x)||_2 <= L ||z - z'||_2`` for all z, z'
+and x (Banach: a unique fixed point). It comes from one of:
+
+* a **computed** bound: a walk over the nested auto_LiRPA graph of the cell composing per-op l2
+  Lipschitz constants along every path from z (linear / conv / eval BatchNorm / activations /
+  residual adds / reshapes). Sound: products and sums of operator-norm upper bounds; matrix norms by
+  float64 SVD, convolutions by min(sqrt(||.||_1 ||.||_inf), ||K||_2 sqrt(kh kw), sum_ij ||K_ij||_2);
+* a **declared** bound: ``declare_contraction(cell, L)`` (or a ``lipschitz_z`` attribute, a number
+  or a callable returning one), e.g. from the user's own proof. Declared bounds are checked
+  against a sampled lower estimate (power iteration on the Jacobian at the current point) and
+  rejected when violated; they are trusted otherwise, so the soundness of a declared value is
+  the declarer's responsibility.
+
+When both exist the smaller one is used. Errors are :class:`ContractionError`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+_ACTIVATIONS = {"BoundRelu": 1.0, "BoundTanh": 1.0, "BoundSigmoid": 0.25, "BoundSoftplus": 1.0,
+                "BoundAbs": 1.0, "BoundAtan": 1.0, "BoundSin": 1.0, "BoundCos": 1.0}
+_IDENTITY_LIKE = {"BoundReshape", "BoundFlatten", "BoundUnsqueeze", "BoundSqueeze", "BoundTranspose",
+                  "BoundIdentity", "BoundCast", "BoundNeg"}
+_CONSTANTS = {"BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant",
+              "BoundShape", "BoundConstantOfShape"}
+SLACK = 1e-6  # relative margin for the float64 evaluation of the norms
+
+
+class ContractionError(ValueError):
+    """A generic cell's contraction in z cannot be established (or is violated)."""
+
+
+def declare_contraction(cell, lipschitz: float):
+    """Declare ``||cell(z, x) - cell(z', x)||_2 <= lipschitz * ||z - z'||_2`` (0 <= lipschitz < 1)
+    for every x. Returns the cell. The bounds trust this (after a sampled sanity check)."""
+    if not isinstance(lipschitz, numbers.Real) or isinstance(lipschitz, bool) or not 0 <= lipschitz < 1:
+        raise ContractionError(f"declared Lipschitz constant must be a real number in [0, 1), got {lipschitz!r}: "
+                               "a DEQ cell with L >= 1 has no proved unique fixed point")
+    cell.lipschitz_z = float(lipschitz)
+    return cell
+
+
+def _spectral(matrix):
+    return float(torch.linalg.matrix_norm(matrix.detach().double(), ord=2))
+
+
+def _conv_norm(weight, groups):
+    """Upper bound of the l2 operator norm of a convolution with kernel (Cout, Cin/g, kh, kw), any
+    stride / padding / dilation: zero padding only removes terms, an input entry meets each kernel
+    position at most once, and for a fixed kernel position (i, j) the output -> input map is
+    injective (so that term is the channel mix K_ij composed with a norm-<=1 selection)."""
+    K = weight.detach().double()
+    absK = K.abs()
+    row = float(absK.sum(dim=(1, 2, 3)).max())  # an output uses each (cin, i, j) at most once
+    col = float(absK.sum(dim=(0, 2, 3)).max())  # over all Cout: >= the per-group column sum
+    bound = math.sqrt(row * col)
+    if groups == 1:
+        kh, kw = K.shape[2], K.shape[3]
+        bound = min(bound, _spectral(K.reshape(K.shape[0], -1)) * math.sqrt(kh * kw),
+                    sum(_spectral(K[:, :, i, j]) for i in range(kh) for j in range(kw)))
+    return bound
+
+
+def _value(node):
+    v = getattr(node, "forward_value", None)
+    if v is None:
+        for attr in ("param", "buffer", "value"):
+            v = getattr(node, attr, None)
+            if isinstance(v, torch.Tensor):
+                break
+    if not isinstance(v, torch.Tensor):
+        raise ContractionError(f"no value for constant node {node.name} ({type(node).__name__})")
+    return v.detach().double()
+
+
+def graph_lipschitz(bounder, z, x):
+    """Computed upper bound of the l2 Lipschitz constant in z of the bounder's cell (float).
+
+    Raises ContractionError naming the first operation on a path from z that has no rule."""
+    module = bounder.module
+    with torch.no_grad():
+        module(z.detach(), x.detach())  # fills forward_value of every node
+    nodes = module._modules
+    memo = {bounder.z_name: 1.0, bounder.x_name: 0.0}
+
+    def lip(name):
+        if name in memo:
+            return memo[name]
+        node = nodes[name]
+        kind = type(node).__name__
+        if kind in _CONSTANTS:
+            memo[name] = 0.0
+            return 0.0
+        ins = [lip(i.name) for i in node.inputs]
+        dep = [k for k, v in enumerate(ins) if v > 0]
+        if not dep:
+            memo[name] = 0.0
+            return 0.0
+
+        def only_first():
+            if dep != [0]:
+                raise ContractionError(f"{kind} node {name}: z reaches an input other than the data input "
+                                       "(e.g. a weight computed from z); no Lipschitz rule for that")
+            return ins[0]
+
+        if kind in _ACTIVATIONS:
+            out = _ACTIVATIONS[kind] * only_first()
+        elif kind == "BoundLeakyRelu":
+            out = max(1.0, abs(float(node.alpha))) * only_first()
+        elif kind in _IDENTITY_LIKE:
+            out = only_first()
+        elif kind in ("BoundLinear", "BoundMatMul"):
+            weight = _value(node.inputs[1])
+            if weight.dim() != 2:
+                raise ContractionError(f"{kind} node {name}: weight of shape {tuple(weight.shape)} is not a matrix")
+            out = abs(float(getattr(node, "alpha", 1.0))) * _spectral(weight) * only_first()
+        elif kind == "BoundConv":
+            out = _conv_norm(_value(node.inputs[1]), int(node.groups)) * only_first()
+        elif kind == "BoundBatchNormalization":
+            if getattr(node, "training", False):
+                raise ContractionError(f"BatchNorm node {name} is in training mode: call model.eval()")
+            w, var = _value(node.inputs[1]), _value(node.inputs[4])
+            out = float((w / torch.sqrt(var + float(node.eps))).abs().max()) * only_first()
+        elif kind in ("BoundAdd", "BoundSub"):
+            out = sum(ins)
+        elif kind == "BoundMul":
+            if len(dep) != 1:
+                raise ContractionError(f"Mul node {name}: both factors depend on z (a bilinear term)")
+            out = float(_value(node.inputs[1 - dep[0]]).abs().max()) * ins[dep[0]]
+        elif kind == "BoundDiv":
+            out = only_first() / float(_value(node.inputs[1]).abs().min())
+        elif kind == "BoundConcat":
+            out = math.sqrt(sum(v * v for v in ins))
+        else:
+            raise ContractionError(
+                f"no Lipschitz rule for {kind} (node {name}) on a path from z: the contraction of this cell "
+                "cannot be computed. Declare a proved constant with lirpa_deq.nn.declare_contraction(cell, L).")
+        memo[name] = out
+        return out
+
+    return lip(bounder.out_name) * (1 + SLACK)
+
+
+def sampled_lipschitz(cell, z, x, iters=20):
+    """A LOWER estimate of the z-Lipschitz constant: power iteration on J^T J at (z, x), per sample."""
+    from torch.func import jvp, vjp
+
+    f = lambda zz: cell(zz, x)  # noqa: E731
+    v = torch.randn_like(z)
+    est = torch.zeros(z.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(iters):
+            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view((-1,) + (1,) * (z.dim() - 1))
+            _, Jv = jvp(f, (z,), (v,))
+            est = Jv.flatten(1).norm(dim=1).double()
+            _, back = vjp(f, z)
+            (v,) = back(Jv)
+    return float(est.max())
+
+
+def contraction_certificate(cell, bounder, z, x):
+    """(L, source) with L < 1 a proved z-Lipschitz constant of the cell; see module doc."""
+    declared = getattr(cell, "lipschitz_z", None)
+    if callable(declared):
+        declared = declared()
+    if declared is not None:
+        declared = float(declared)
+        measured = sampled_lipschitz(cell, z, x)
+        if measured > declared * (1 + 1e-3) + 1e-6:
+            raise ContractionError(f"declared lipschitz_z={declared:g} of {type(cell).__name__} is violated: the "
+                                   f"Jacobian in z has spectral norm >= {measured:.4g} at the current point")
+    try:
+        computed, why = graph_lipschitz(bounder, z, x), None
+    except ContractionError as err:
+        computed, why = None, str(err)
+    if declared is None and computed is None:
+        raise ContractionError(f"cannot certify {type(cell).__name__}: {why}")
+    candidates = [(v, s) for v, s in ((declared, "declared"), (computed, "computed")) if v is not None]
+    value, source = min(candidates)
+    if not value < 1:
+        raise ContractionError(
+            f"{type(cell).__name__} is not a proved contraction in z: Lipschitz bound {value:.4g} >= 1 "
+            f"({source}). The fixed point may not be unique, so no bound is returned. Fix: constrain the "
+            "z-path weights (e.g. torch.nn.utils.parametrizations.spectral_norm and a scale < 1), or "
+            "declare a proved smaller constant with lirpa_deq.nn.declare_contraction(cell, L).")
+    return value, source

@@ -1,0 +1,249 @@
+"""Generic DEQ cells cell(z, x) through nested auto_LiRPA: point solve and implicit gradients,
+proved contraction, soundness of IBP and CROWN (sampled, vertex, PGD points; non-converged warm
+starts; near-critical weights), agreement with the specialized ReLU-affine path, clear errors."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+
+from lirpa_deq import IntervalProofError
+from lirpa_deq.bounds.generic.contraction import _conv_norm, graph_lipschitz, sampled_lipschitz
+from lirpa_deq.bounds.generic.cell_bounder import CellBounder
+from lirpa_deq.nn import (DEQ, ContractionError, ConvBNCell, DenseReLUCell, IBPMonConv2d,
+                          IBPMonLinear, ResidualCell, TanhCell, declare_contraction)
+from lirpa_deq.testing import assert_sound
+
+ATOL = 1e-7  # outputs come from float64 solves at tol 1e-11
+
+
+def solver_kw(**kw):
+    return dict(dict(solver="anderson", tol=1e-11, max_iter=300), **kw)
+
+
+def fc_model(cell_cls, seed, **cell_kw):
+    torch.manual_seed(seed)
+    cell = cell_cls(8, 5, **cell_kw)
+    return nn.Sequential(nn.Linear(6, 5), DEQ(cell, **solver_kw()), nn.Linear(8, 3)).double()
+
+
+def conv_model(seed):
+    torch.manual_seed(seed)
+    cell = ConvBNCell(3, in_channels=1)
+    cell.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics and spectral-norm vectors
+        for _ in range(3):
+            cell(torch.randn(4, 3, 4, 4), torch.randn(4, 1, 4, 4))
+    model = nn.Sequential(DEQ(cell, **solver_kw()), nn.Flatten(), nn.Linear(48, 3)).double()
+    return model.eval()
+
+
+def bounds(model, x, eps, method, **deq_opts):
+    bounded = BoundedModule(model, x, bound_opts={"deq": deq_opts} if deq_opts else None)
+    lb, ub = bounded.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=eps)),),
+                                    method=method)
+    node = next(n for n in bounded._modules.values() if type(n).__name__ == "BoundDEQ")
+    return lb, ub, node.box_info
+
+
+# ------------------------------------------------------------------------------- the point solve
+def test_generic_solve_is_a_fixed_point_and_implicit_gradients_match_unrolled():
+    torch.manual_seed(0)
+    cell = TanhCell(6, 4, contraction=0.7).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    implicit = DEQ(cell, **solver_kw())
+    z = implicit(x)
+    assert z.shape == (3, 6)
+    assert torch.allclose(cell(z, x), z, atol=1e-9)
+    z.pow(2).sum().backward()
+    g_x, g_A = x.grad.clone(), cell.A.weight.grad.clone()
+    x.grad, cell.A.weight.grad = None, None
+    unrolled = DEQ(cell, solver="fixed_point_iter", tol=1e-13, max_iter=400, implicit=False)
+    unrolled(x).pow(2).sum().backward()
+    assert torch.allclose(g_x, x.grad, atol=1e-8) and torch.allclose(g_A, cell.A.weight.grad, atol=1e-8)
+    assert implicit.last_backward_stats.converged
+
+
+def test_generic_cell_must_preserve_the_state_shape():
+    deq = DEQ(nn.Bilinear(4, 4, 3))
+    with pytest.raises(ValueError, match="map z of shape .* to the same shape"):
+        deq(torch.randn(2, 4))
+
+
+# --------------------------------------------------------------------------- proved contraction
+def test_computed_lipschitz_is_an_upper_bound_and_exact_for_one_layer():
+    torch.manual_seed(1)
+    for cell in (TanhCell(6, 4, contraction=0.7), ResidualCell(6, 4, contraction=0.9)):
+        z, x = torch.randn(2, 6), torch.randn(2, 4)
+        computed = graph_lipschitz(CellBounder(cell, z, x), z, x)
+        assert computed >= sampled_lipschitz(cell, z, x) - 1e-6
+        assert computed == pytest.approx(0.7 if isinstance(cell, TanhCell) else 0.9, rel=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(stride=1, padding=1), dict(stride=2, padding=1),
+                                dict(stride=1, padding=2, dilation=2), dict(stride=1, padding=1, groups=2)])
+def test_conv_norm_bound_is_sound(kw):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(4, 4, 3, bias=False, **kw).double()
+    eye = torch.eye(4 * 5 * 5, dtype=torch.float64).view(-1, 4, 5, 5)
+    exact = torch.linalg.matrix_norm(conv(eye).flatten(1), ord=2).item()
+    assert _conv_norm(conv.weight, conv.groups) >= exact * (1 - 1e-9)
+
+
+def test_non_contractive_cell_gets_a_clear_error_not_a_bound():
+    model = fc_model(TanhCell, 0, contraction=1.3)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    for method in ("IBP", "CROWN"):
+        with pytest.raises(ContractionError, match=r"not a proved contraction in z: Lipschitz bound 1.3"):
+            bounds(model, x, 0.01, method)
+
+
+class TwoLayerTanh(nn.Module):
+    """tanh(A2 tanh(A1 z) + U x) with A2 A1 small but ||A2|| ||A1|| = 4: the computed bound is
+    loose (>= 1), the true constant is <= 0.2, so it must be declared."""
+
+    def __init__(self):
+        super().__init__()
+        self.A1 = nn.Linear(2, 2, bias=False)
+        self.A2 = nn.Linear(2, 2, bias=False)
+        self.U = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.A1.weight.copy_(torch.diag(torch.tensor([2.0, 0.1])))
+            self.A2.weight.copy_(torch.diag(torch.tensor([0.1, 2.0])))
+
+    def forward(self, z, x):
+        return torch.tanh(self.A2(torch.tanh(self.A1(z))) + self.U(x))
+
+    def state_shape(self, x_shape):
+        return (x_shape[0], 2)
+
+
+def test_declared_contraction_is_used_checked_and_sound():
+    torch.manual_seed(3)
+    model = nn.Sequential(DEQ(TwoLayerTanh(), **solver_kw()), nn.Linear(2, 2)).double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    with pytest.raises(ContractionError, match=r"Lipschitz bound 4 >= 1 \(computed\)"):
+        bounds(model, x, 0.05, "IBP")
+    declare_contraction(model[0].cell, 0.2)
+    for method in ("IBP", "CROWN"):
+        lb, ub, info = bounds(model, x, 0.05, method)
+        assert info["lipschitz_source"] == "declared" and info["lipschitz"] == 0.2
+        assert_sound(model, x, 0.05, lb, ub, atol=ATOL, n_samples=200, pgd_steps=20)
+    declare_contraction(model[0].cell, 0.05)  # false: the Jacobian reaches ~0.2
+    with pytest.raises(ContractionError, match="declared lipschitz_z=0.05 .* is violated"):
+        bounds(model, x, 0.05, "IBP")
+    with pytest.raises(ContractionError, match=r"in \[0, 1\)"):
+        declare_contraction(model[0].cell, 1.0)
+
+
+def test_op_without_lipschitz_rule_is_named():
+    class ExpCell(nn.Module):
+        def forward(self, z, x):
+            return 0.1 * torch.exp(-z * z) + x
+
+    model = nn.Sequential(DEQ(ExpCell(), **solver_kw()))
+    with pytest.raises(ContractionError, match="Mul node .* both factors depend on z|no Lipschitz rule"):
+        bounds(model, torch.randn(2, 3), 0.01, "IBP")
+
+
+def test_batchnorm_in_training_mode_is_refused():
+    model = conv_model(0).train()
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"BatchNorm in training mode.*model.eval\(\)"):
+        bounds(model, x, 0.01, "IBP")
+
+
+# ------------------------------------------------------------------------------------ soundness
+@pytest.mark.parametrize("cell_cls", [TanhCell, ResidualCell])
+@pytest.mark.parametrize("method", ["IBP", "CROWN"])
+@pytest.mark.parametrize("seed,eps", [(0, 0.02), (1, 0.3)])
+def test_fc_generic_cells_sound(cell_cls, method, seed, eps):
+    model = fc_model(cell_cls, seed)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    lb, ub, _ = bounds(model, x, eps, method)
+    assert_sound(model, x, eps, lb, ub, atol=ATOL, n_samples=200, pgd_steps=20)
+
+
+@pytest.mark.parametrize("method", ["IBP", "CROWN"])
+def test_conv_bn_spectral_norm_cell_sound(method):
+    model = conv_model(0)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    lb, ub, info = bounds(model, x, 0.03, method)
+    assert info["lipschitz_source"] == "computed" and info["lipschitz"] < 1
+    assert_sound(model, x, 0.03, lb, ub, atol=ATOL, n_samples=100, pgd_steps=10)
+
+
+@pytest.mark.parametrize("method", ["IBP", "CROWN"])
+def test_sound_from_a_non_converged_warm_start(method):
+    model = fc_model(TanhCell, 4, contraction=0.95)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    deq = model[1]
+    deq.max_iter, deq.on_nonconvergence = 1, "ignore"  # the graph's forward value is far from z*
+    bounded = BoundedModule(model, x)
+    deq.max_iter = 300
+    lb, ub = bounded.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.05)),),
+                                    method=method)
+    assert_sound(model, x, 0.05, lb, ub, atol=ATOL, n_samples=200, pgd_steps=20)
+
+
+def test_near_critical_weights_fall_back_to_the_contraction_ball():
+    """Adversarial scaling: 0.5 z + relu(A z + U x) with A = 0.49 H / sqrt(8) (H Hadamard) is a
+    contraction (L = 0.99) but |A| has spectral radius 0.49 sqrt(8) = 1.39, so the interval map
+    expands and no post-fixpoint exists; the contraction-ball box must take over, soundly."""
+    from scipy.linalg import hadamard
+
+    torch.manual_seed(5)
+    cell = ResidualCell(8, 5, contraction=0.99, skip=0.5)
+    with torch.no_grad():
+        cell.A.weight.copy_(0.49 * torch.tensor(hadamard(8), dtype=torch.float32) / math.sqrt(8))
+    model = nn.Sequential(nn.Linear(6, 5), DEQ(cell, **solver_kw()), nn.Linear(8, 3)).double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    for method in ("IBP", "CROWN"):
+        lb, ub, info = bounds(model, x, 0.5, method)
+        assert info["box"] == "contraction-ball"
+        assert_sound(model, x, 0.5, lb, ub, atol=ATOL, n_samples=200, pgd_steps=20)
+    with pytest.raises(IntervalProofError, match="no post-fixpoint"):
+        bounds(model, x, 0.5, "IBP", fallback=False)
+
+
+def test_generic_ibp_bound_is_differentiable():
+    model = fc_model(TanhCell, 0).float()
+    model[1].tol = 1e-6  # float32
+    x = torch.randn(4, 6)
+    bounded = BoundedModule(model, x)
+    lb, ub = bounded.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.05)),), method="IBP")
+    (ub - lb).sum().backward()
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+    assert model[1].cell.U.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------- agreement with the fast path
+def twin_models(seed, conv=False):
+    torch.manual_seed(seed)
+    if conv:
+        cell, shape = IBPMonConv2d(2), (2, 3, 3)
+        front = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
+    else:
+        cell, shape = IBPMonLinear(10), None
+        front = nn.Sequential(nn.Flatten(), nn.Linear(9, 10))
+    head = nn.Linear(18 if conv else 10, 4)
+    spec = nn.Sequential(front, DEQ(cell, **solver_kw()), nn.Flatten(), head).double()
+    twin = DenseReLUCell.from_cell(cell.double(), shape)
+    gen = nn.Sequential(front, nn.Flatten(), DEQ(twin, **solver_kw()), head).double()
+    return spec, gen
+
+
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("method", ["IBP", "CROWN"])
+def test_generic_path_agrees_with_the_specialized_one(conv, method):
+    spec, gen = twin_models(0, conv)
+    x = torch.rand(3, 1, 3, 3, dtype=torch.float64)
+    assert torch.allclose(spec(x), gen(x), atol=1e-9)
+    s_lb, s_ub, s_info = bounds(spec, x, 0.05, method)
+    g_lb, g_ub, g_info = bounds(gen, x, 0.05, method)
+    assert s_info["box"] == g_info["box"] == "interval-post-fixpoint"
+    width = (s_ub - s_lb).abs().max().item()
+    # the same bound up to the boxes' rounding margins (1e-3 of the width)
+    assert torch.allclose(g_lb, s_lb, atol=1e-3 * width) and torch.allclose(g_ub, s_ub, atol=1e-3 * width)
+    assert_sound(gen, x, 0.05, g_lb, g_ub, atol=ATOL, n_samples=100, pgd_steps=10)
