@@ -147,11 +147,15 @@ def test_op_without_lipschitz_rule_is_named():
         bounds(model, torch.randn(2, 3), 0.01, "IBP")
 
 
-def test_batchnorm_in_training_mode_is_refused():
-    model = conv_model(0).train()
+@pytest.mark.parametrize("module,match", [("bn", r"BatchNorm in training mode.*model.eval\(\)"),
+                                          ("conv", r"parametrized .* training mode.*model.eval\(\)")])
+def test_batch_statistics_or_moving_parametrizations_are_refused(module, match):
+    model = conv_model(0)
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"BatchNorm in training mode.*model.eval\(\)"):
-        bounds(model, x, 0.01, "IBP")
+    bounded = BoundedModule(model, x)
+    getattr(model[0].cell, module).train()  # after BoundedModule, which resets modes on tracing
+    with pytest.raises(ValueError, match=match):
+        bounded.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.01)),), method="IBP")
 
 
 # ------------------------------------------------------------------------------------ soundness
@@ -247,3 +251,31 @@ def test_generic_path_agrees_with_the_specialized_one(conv, method):
     # the same bound up to the boxes' rounding margins (1e-3 of the width)
     assert torch.allclose(g_lb, s_lb, atol=1e-3 * width) and torch.allclose(g_ub, s_ub, atol=1e-3 * width)
     assert_sound(gen, x, 0.05, g_lb, g_ub, atol=ATOL, n_samples=100, pgd_steps=10)
+
+
+def test_a_factor_that_varies_with_x_is_not_taken_as_a_constant():
+    class GatedCell(nn.Module):  # z * sigmoid(U x): the gain of z depends on x
+        def __init__(self):
+            super().__init__()
+            self.U = nn.Linear(3, 3)
+
+        def forward(self, z, x):
+            return 0.5 * torch.tanh(z) * torch.sigmoid(self.U(x)) + x
+
+    model = nn.Sequential(DEQ(GatedCell(), **solver_kw()))
+    with pytest.raises(ContractionError, match="factor multiplying z depends on the input x"):
+        bounds(model, torch.randn(2, 3), 0.01, "IBP")
+
+
+def test_changed_batchnorm_statistics_invalidate_the_cached_box():
+    model = conv_model(1)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    bounded = BoundedModule(model, x)
+    ptb = PerturbationLpNorm(norm=math.inf, eps=0.02)
+    lb1, ub1 = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method="IBP")
+    with torch.no_grad():
+        model[0].cell.bn.running_var.mul_(2.0)  # in place, as a training step would
+        model[0].cell.bn.running_mean.add_(0.3)
+    lb2, ub2 = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method="IBP")
+    assert not torch.allclose(lb1, lb2)
+    assert_sound(model, x, 0.02, lb2, ub2, atol=ATOL, n_samples=100, pgd_steps=10)

@@ -94,10 +94,16 @@ class BoundDEQ(Bound):
         u_lo, u_hi = u_lo.detach(), u_hi.detach()
         detached = {k: v.detach() for k, v in params.items()}
         # a SNAPSHOT (clones): in-place weight updates (optimizer.step) must invalidate the cache
-        key = (u_lo.clone(), u_hi.clone(), tuple(v.clone() for v in detached.values()))
+        state = list(detached.values())
+        deq = self.deq
+        if deq.generic:  # buffers (BatchNorm statistics) and a declared contraction shape the box too
+            declared = getattr(deq.cell, "lipschitz_z", None)
+            declared = declared() if callable(declared) else declared
+            state += [b.detach() for b in deq.cell.buffers()]
+            state.append(torch.tensor(-1.0 if declared is None else float(declared)))
+        key = (u_lo.clone(), u_hi.clone(), tuple(v.clone() for v in state))
         if self._box_key is not None and _same(self._box_key, key):
             return self.box
-        deq = self.deq
         if deq.generic:
             from .generic.bound import generic_box
             with torch.no_grad():

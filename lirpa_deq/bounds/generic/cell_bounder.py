@@ -70,12 +70,22 @@ def _snapshot(cell):
 
 
 def check_eval_mode(cell):
-    """Batch statistics make a cell depend on the whole batch: no per-sample bound exists."""
+    """Batch statistics make a cell depend on the whole batch (no per-sample bound exists), and a
+    parametrization in training mode (spectral_norm's power iteration) changes the weights at every
+    call: both must be in eval mode."""
+    from torch.nn.utils import parametrize
+
     for name, m in cell.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"cell module {name or type(m).__name__!r} is a BatchNorm in training mode; its "
                              "output depends on the batch statistics, so the cell has no per-sample bound. "
                              "Call model.eval() before computing bounds.")
+        if parametrize.is_parametrized(m):
+            raise ValueError(f"cell module {name or type(m).__name__!r} is parametrized (e.g. spectral_norm) and "
+                             "in training mode, where its weights change at every call. Call model.eval() "
+                             "before computing bounds.")
 
 
 class CellBounder:

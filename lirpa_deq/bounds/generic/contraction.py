@@ -89,6 +89,20 @@ def graph_lipschitz(bounder, z, x):
         module(z.detach(), x.detach())  # fills forward_value of every node
     nodes = module._modules
     memo = {bounder.z_name: 1.0, bounder.x_name: 0.0}
+    x_memo = {bounder.x_name: True, bounder.z_name: False}
+
+    def on_x(name):  # does the node's value change with x (so it is no constant factor)?
+        if name not in x_memo:
+            x_memo[name] = any(on_x(i.name) for i in nodes[name].inputs)
+        return x_memo[name]
+
+    def factor(node, k):
+        """The value of input k of node, a multiplicative factor that must not vary with x."""
+        if on_x(node.inputs[k].name):
+            raise ContractionError(f"{type(node).__name__} node {node.name}: a factor multiplying z depends on "
+                                   "the input x, so its value at one x says nothing about the others; declare "
+                                   "a proved constant with lirpa_deq.nn.declare_contraction(cell, L)")
+        return _value(node.inputs[k])
 
     def lip(name):
         if name in memo:
@@ -117,25 +131,25 @@ def graph_lipschitz(bounder, z, x):
         elif kind in _IDENTITY_LIKE:
             out = only_first()
         elif kind in ("BoundLinear", "BoundMatMul"):
-            weight = _value(node.inputs[1])
+            weight = factor(node, 1)
             if weight.dim() != 2:
                 raise ContractionError(f"{kind} node {name}: weight of shape {tuple(weight.shape)} is not a matrix")
             out = abs(float(getattr(node, "alpha", 1.0))) * _spectral(weight) * only_first()
         elif kind == "BoundConv":
-            out = _conv_norm(_value(node.inputs[1]), int(node.groups)) * only_first()
+            out = _conv_norm(factor(node, 1), int(node.groups)) * only_first()
         elif kind == "BoundBatchNormalization":
             if getattr(node, "training", False):
                 raise ContractionError(f"BatchNorm node {name} is in training mode: call model.eval()")
-            w, var = _value(node.inputs[1]), _value(node.inputs[4])
+            w, var = factor(node, 1), factor(node, 4)
             out = float((w / torch.sqrt(var + float(node.eps))).abs().max()) * only_first()
         elif kind in ("BoundAdd", "BoundSub"):
             out = sum(ins)
         elif kind == "BoundMul":
             if len(dep) != 1:
                 raise ContractionError(f"Mul node {name}: both factors depend on z (a bilinear term)")
-            out = float(_value(node.inputs[1 - dep[0]]).abs().max()) * ins[dep[0]]
+            out = float(factor(node, 1 - dep[0]).abs().max()) * ins[dep[0]]
         elif kind == "BoundDiv":
-            out = only_first() / float(_value(node.inputs[1]).abs().min())
+            out = only_first() / float(factor(node, 1).abs().min())
         elif kind == "BoundConcat":
             out = math.sqrt(sum(v * v for v in ins))
         else:
