@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Benchmark: plain randomized smoothing (converged DEQ solves) vs Serialized RS (1 and 3 steps).
 
-On the embedded MNIST-5k test split with a small fully connected IBP-MonDEQ (trained here with
-Gaussian noise augmentation, one model per sigma, unless --checkpoint is given), for every sigma
+On the embedded MNIST-5k test split with a fully connected MonDEQ (MonLinear(256), m = 0.2, Anderson,
+tol 1e-4: ~30 iterations per converged solve; trained here for 1 epoch with Gaussian noise
+augmentation, one model per sigma, unless --checkpoint is given), for every sigma
 and method it reports: seconds per image, DEQ solver iterations (per batch call, summed, and
 "row-iterations" = iterations x batch rows), the SRS audit statistics, and certified accuracy at
 radii 0, 0.25, 0.5, 0.75, 1.0 -- then the speed ratios against plain smoothing.
 
-    python benchmarks/bench_smoothing.py                       # full: n = 10,000, 100 images
+    python benchmarks/bench_smoothing.py --threads 1 --num-images 40   # the documented run
     python benchmarks/bench_smoothing.py --n 2000 --num-images 10   # quick
 
 Requires ``lirpa_deq.nn`` (DEQ, IBPMonLinear, serial_warm_start).  Not a test.
@@ -24,10 +25,11 @@ import torch
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def build_model(hidden: int, tol: float, max_iter: int, margin: float, device):
-    from lirpa_deq.nn import DEQ, IBPMonLinear
+def build_model(hidden: int, tol: float, max_iter: int, margin: float, device, cell="mon"):
+    from lirpa_deq.nn import DEQ, IBPMonLinear, MonLinear
 
-    deq = DEQ(IBPMonLinear(hidden, m=margin), solver="anderson", tol=tol, max_iter=max_iter)
+    c = MonLinear(hidden, m=margin) if cell == "mon" else IBPMonLinear(hidden, m=margin)
+    deq = DEQ(c, solver="anderson", tol=tol, max_iter=max_iter)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden), deq,
                                torch.nn.Linear(hidden, 10)).to(device)
 
@@ -83,7 +85,7 @@ def run_methods(methods, model, xs, ys, args):
     """Certify every image with every method, interleaved per image (so that machine-load
     fluctuations hit all methods alike). Returns one summary dict per method."""
     counter = IterCounter(model)
-    stats = {name: {"time": [], "iters": 0, "row_iters": 0, "calls": 0, "results": [], "audit": []}
+    stats = {name: {"time": [], "iters": 0, "row_iters": 0, "calls": 0, "results": [], "audit": [], "uncert": []}
              for name, _ in methods}
     for i, x in enumerate(xs):
         for name, smoother in methods:
@@ -100,6 +102,12 @@ def run_methods(methods, model, xs, ys, args):
             st["iters"] += counter.iters - k0
             st["row_iters"] += counter.row_iters - r0
             st["results"].append(res.as_tuple())
+            if "solver_iterations" in res.extra:  # agreement SRS calls the solver directly
+                st["calls"] += res.extra["solver_calls"]
+                st["iters"] += res.extra["solver_iterations"]
+                st["row_iters"] += res.extra["row_iterations"]
+                st["audit"].append(res.extra["uncertain_fast"] / args.n)
+                st["uncert"].append(res.extra["uncertified"] / args.n)
             if "audit_disagree" in res.extra:
                 st["audit"].append(res.extra["audit_disagree"] / res.extra["audit_size"])
     for h in counter.handles:
@@ -107,7 +115,8 @@ def run_methods(methods, model, xs, ys, args):
     return [{"name": name, "sec_per_image": float(np.mean(st["time"])),
              "median_sec": float(np.median(st["time"])), "iters": st["iters"], "row_iters": st["row_iters"],
              "calls": st["calls"], "acc": certified_accuracy(st["results"], ys),
-             "audit_disagree": float(np.mean(st["audit"])) if st["audit"] else None}
+             "audit_disagree": float(np.mean(st["audit"])) if st["audit"] else None,
+             "uncertified": float(np.mean(st["uncert"])) if st["uncert"] else None}
             for name, st in stats.items()]
 
 
@@ -121,11 +130,13 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--batch-size", type=int, default=400)
     p.add_argument("--audit-size", type=int, default=400)
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--cell", choices=["mon", "ibp"], default="mon", help="MonLinear or IBPMonLinear cell")
+    p.add_argument("--certificate", choices=["auto", "agreement", "audit"], default="auto")
     p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--max-iter", type=int, default=50)
-    p.add_argument("--margin", type=float, default=0.5, help="monotonicity margin m of the cell")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--margin", type=float, default=0.2, help="monotonicity margin m of the cell")
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--checkpoint", default=None,
                    help="state_dict for the --hidden architecture (used for every sigma instead of training)")
     p.add_argument("--seed", type=int, default=0)
@@ -150,19 +161,20 @@ def main(argv=None):
     ys = [int(test.tensors[1][i]) for i in idx]
     print(f"# device={device} torch={torch.__version__} threads={torch.get_num_threads()} n={args.n} n0={args.n0} "
           f"images={len(xs)} alpha={args.alpha} batch={args.batch_size} audit={args.audit_size} "
-          f"hidden={args.hidden} m={args.margin} tol={args.tol} max_iter={args.max_iter}", flush=True)
+          f"cell={args.cell} hidden={args.hidden} m={args.margin} epochs={args.epochs} solver=anderson tol={args.tol} max_iter={args.max_iter}", flush=True)
 
     rows = []
     for sigma in args.sigmas:
         torch.manual_seed(args.seed)
-        model = build_model(args.hidden, args.tol, args.max_iter, args.margin, device)
+        model = build_model(args.hidden, args.tol, args.max_iter, args.margin, device, args.cell)
         if args.checkpoint:
             model.load_state_dict(torch.load(args.checkpoint, map_location=device))
             model.eval()
         else:
             train(model, load_mnist5k("train"), sigma, args.epochs, device, args.seed)
         methods = [("plain", Smooth(model, 10, sigma))]
-        methods += [(f"srs-{k}", SerializedSmooth(model, 10, sigma, steps=k, audit_size=args.audit_size))
+        methods += [(f"srs-{k}", SerializedSmooth(model, 10, sigma, steps=k, audit_size=args.audit_size,
+                                                      certificate=args.certificate))
                     for k in args.steps]
         for r in run_methods(methods, model, xs, ys, args):
             r["sigma"] = sigma
@@ -170,14 +182,17 @@ def main(argv=None):
             print(f"  sigma={sigma} {r['name']}: {r['sec_per_image']:.3f} s/img (median {r['median_sec']:.3f})",
                   flush=True)
 
-    print("\nsigma  method  s/img   speedup  DEQ calls  iters  row-iters   row-it ratio  audit-disagree  "
+    print(f"\n# {len(xs)} test images, n={args.n}; 'fast-unc' = SRS samples not certified after the truncated "
+          "solve (agreement) or audit disagreement rate (audit); 'uncert' = samples left uncertified after the rescue")
+    print("sigma  method  s/img   speedup  solver calls  iters  row-iters   row-it ratio  fast-unc  uncert  "
           + "  ".join(f"acc@{r:g}" for r in RADII))
     for r in rows:
         base = next(b for b in rows if b["sigma"] == r["sigma"] and b["name"] == "plain")
         dis = "-" if r["audit_disagree"] is None else f"{r['audit_disagree']:.4f}"
+        unc = "-" if r["uncertified"] is None else f"{r['uncertified']:.4f}"
         print(f"{r['sigma']:<5}  {r['name']:<6}  {r['sec_per_image']:.3f}  {base['sec_per_image'] / r['sec_per_image']:6.2f}x"
-              f"  {r['calls']:9d}  {r['iters']:5d}  {r['row_iters']:9d}  {r['row_iters'] / base['row_iters']:12.3f}"
-              f"  {dis:>14}  " + "  ".join(f"{a:7.2f}" for a in r["acc"]))
+              f"  {r['calls']:12d}  {r['iters']:5d}  {r['row_iters']:9d}  {r['row_iters'] / base['row_iters']:12.3f}"
+              f"  {dis:>8}  {unc:>6}  " + "  ".join(f"{a:7.2f}" for a in r["acc"]))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_srs_many_steps_reproduces_plain_decisions():
     x = torch.rand(1, 4, 4)
     n0, n, alpha, bs = 20, 200, 0.01, 50
     # audit every sample: then SRS's count is the converged count on the SAME noise draws
-    srs = SerializedSmooth(model, 3, 0.25, steps=100, audit_size=n)
+    srs = SerializedSmooth(model, 3, 0.25, steps=100, audit_size=n, certificate="audit")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # converged solves must not warn
         res = srs.certify_detailed(x, n0, n, alpha, bs, seed=0)
@@ -51,7 +51,7 @@ def test_srs_one_step_warm_starts_are_cheap_and_state_restored():
     model, deq = small_deq(1)
     iters = []
     deq.register_forward_hook(lambda m, i, o: iters.append(m.last_stats.iterations))
-    srs = SerializedSmooth(model, 3, 0.5, steps=1, audit_size=40)
+    srs = SerializedSmooth(model, 3, 0.5, steps=1, audit_size=40, certificate="audit")
     res = srs.certify_detailed(torch.rand(1, 4, 4), 10, 200, 0.05, 40, seed=0)
     serial = iters[: 1 + 5]
     assert serial[0] > 1 and all(k <= 1 for k in serial[1:])  # warm-up solve, then 1 step each

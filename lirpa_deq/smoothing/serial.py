@@ -30,8 +30,12 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
+from .agreement import split_deq_model
 from .core import Smooth, CertifyResult, _progress, check_positive_int, gaussian_noise, make_generator
+from .fastpath import AgreementPass
 from .stats import hypergeom_upper
+
+CERTIFICATES = ("auto", "agreement", "audit")
 
 
 def default_serial_context(model, steps: int) -> ContextManager:
@@ -61,6 +65,12 @@ class SerializedSmooth(Smooth):
             (clipped to n).  The correction costs K full solves; its slack is about
             n * log(1/alpha_2) / K samples when no disagreement is observed.
         audit_alpha_fraction: alpha_2 / alpha, in (0, 1).
+        certificate: 'agreement' -- per-sample deterministic agreement certificates (needs
+            ``model = nn.Sequential(*pre, DEQ, *post)`` with affine ``post`` and no
+            ``fast_model`` / ``serial_context``): no audit, full alpha, certifies the smoothed
+            EXACT-fixed-point classifier (see docs/smoothing.md); 'audit' -- the audited
+            statistical correction (any fast predictor); 'auto' (default) -- 'agreement' when
+            possible, else 'audit'.
 
     :meth:`predict` is inherited unchanged (converged model).
     """
@@ -68,7 +78,8 @@ class SerializedSmooth(Smooth):
     def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], num_classes: int, sigma: float,
                  steps: int = 1, *, fast_model: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  serial_context: Optional[Callable[[], ContextManager]] = None, audit_size: int = 400,
-                 audit_alpha_fraction: float = 0.5, input_shape: Optional[Sequence[int]] = None):
+                 audit_alpha_fraction: float = 0.5, input_shape: Optional[Sequence[int]] = None,
+                 certificate: str = "auto"):
         super().__init__(model, num_classes, sigma, input_shape)
         self.steps = check_positive_int("steps", steps)
         self.audit_size = check_positive_int("audit_size", audit_size)
@@ -79,12 +90,27 @@ class SerializedSmooth(Smooth):
         if fast_model is not None and not callable(fast_model):
             raise ValueError("fast_model must be callable")
         self.fast_model = model if fast_model is None else fast_model
+        self._custom_context = serial_context is not None
         if serial_context is None:
             if fast_model is None:
                 serial_context = lambda: default_serial_context(model, self.steps)  # noqa: E731
             else:
                 serial_context = contextlib.nullcontext
         self.serial_context = serial_context
+        if certificate not in CERTIFICATES:
+            raise ValueError(f"certificate must be one of {CERTIFICATES}, got {certificate!r}")
+        parts = None
+        if certificate != "audit":
+            custom = fast_model is not None or self._custom_context
+            parts = None if custom else split_deq_model(model)
+            if parts is not None and not parts[1].cell.margin > 0:
+                parts = None
+            if parts is None and certificate == "agreement":
+                raise ValueError("certificate='agreement' needs model = nn.Sequential(*pre, DEQ, *post) with "
+                                 "affine post layers (Flatten/Linear/AvgPool2d/...), a cell margin > 0, and no "
+                                 "fast_model / serial_context")
+        self._parts = parts
+        self.certificate = "audit" if parts is None else "agreement"
 
     def _serial_batches(self, x, num, batch_size, gen, progress, desc):
         """Yield (noisy[:b], fast_labels[:b]) for ``num`` samples in full batches of ``batch_size``.
@@ -103,9 +129,11 @@ class SerializedSmooth(Smooth):
     def certify_detailed(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int = 400, *,
                          seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
                          progress: bool = False) -> CertifyResult:
-        """SRS CERTIFY (see module docstring); ``extra`` holds the audit statistics."""
+        """SRS CERTIFY (see module docstring); ``extra`` holds the audit / agreement statistics."""
         x, n0, n, alpha, batch_size = self._validate_certify(x, n0, n, alpha, batch_size)
         gen = make_generator(x, seed, generator)
+        if self._parts is not None:
+            return self._certify_agreement(x, n0, n, alpha, batch_size, gen, progress)
         alpha_2 = alpha * self.audit_alpha_fraction
         alpha_1 = alpha - alpha_2
         k = min(self.audit_size, n)
@@ -152,3 +180,18 @@ class SerializedSmooth(Smooth):
         result = self._finish(c_a, count, n, alpha_1, self.sigma, extra)
         result.alpha = alpha  # total failure probability (alpha_1 for the binomial + alpha_2 audit)
         return result
+
+    def _certify_agreement(self, x, n0, n, alpha, batch_size, gen, progress) -> CertifyResult:
+        """Agreement-certified SRS: ``count = #{i : certified_i and label_i = cA}`` is a
+        deterministic lower bound on the exact classifier's count, so the full ``alpha`` goes to
+        Clopper-Pearson (docs/smoothing.md, Theorem 2)."""
+        pas = AgreementPass(*self._parts, self.num_classes, self.steps)
+        counts0, labels, certified = pas.run(x, n0, n, batch_size, self.sigma, gen, progress)
+        c_a = int(torch.argmax(counts0))
+        count = int((certified & (labels == c_a)).sum())
+        extra = {
+            "certificate": "agreement", "n_fast": int((pas.fast_labels == c_a).sum()), "uncertified": int((~certified).sum()),
+            "uncertain_fast": pas.uncertain, "rescued": pas.rescued, "solver_iterations": pas.iterations,
+            "row_iterations": pas.row_iterations, "solver_calls": pas.calls, "selection_counts": counts0.cpu().numpy(),
+        }
+        return self._finish(c_a, count, n, alpha, self.sigma, extra)

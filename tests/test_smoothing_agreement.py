@@ -1,0 +1,130 @@
+"""Agreement-certified SRS: the per-sample certificate never declares agreement when the exact DEQ
+disagrees (random small DEQs, non-converged / garbage / adversarial states, scaled heads), and the
+SRS certificate built on it fails at most at rate alpha even against an adversarial fast solver."""
+import copy
+
+import pytest
+import torch
+from scipy.stats import norm
+
+from smoothing_helpers import assert_rate_at_most
+
+from lirpa_deq.nn import DEQ, IBPMonLinear, MonLinear, OrthoLinear
+from lirpa_deq.smoothing import ABSTAIN, SerializedSmooth, cp_lower
+from lirpa_deq.smoothing.agreement import AgreementCertifier, split_deq_model
+from lirpa_deq.smoothing.fastpath import AgreementPass
+
+
+def small_model(kind, n=8, d=3, k=3, seed=0, head_scale=1.0, margin=0.3):
+    torch.manual_seed(seed)
+    cell = {"mon": lambda: MonLinear(n, m=margin), "ibp": lambda: IBPMonLinear(n, m=margin, similarity=True),
+            "ortho": lambda: OrthoLinear(n, margin=margin)}[kind]()
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.mul_(1.5)  # far from the identity initialisation: slow, non-trivial fixed points
+    model = torch.nn.Sequential(torch.nn.Linear(d, n), DEQ(cell, tol=1e-4, max_iter=200), torch.nn.Linear(n, k))
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+        model[2].weight.mul_(head_scale)
+    return model.eval()
+
+
+def exact_states(model, u):
+    """Fixed points in float64 to 1e-12 (Peaceman-Rachford converges for every monotone cell)."""
+    deq = copy.deepcopy(model[1]).double()
+    deq.solver, deq.tol, deq.max_iter = "peaceman_rachford", 1e-12, 5000
+    from lirpa_deq.solvers import get_solver
+    deq._solver = get_solver("peaceman_rachford")
+    with torch.no_grad():
+        return deq(u.double())
+
+
+@pytest.mark.parametrize("kind", ["mon", "ibp", "ortho"])
+@pytest.mark.parametrize("head_scale", [1.0, 1e3])
+def test_agreement_never_wrong(kind, head_scale):
+    model = small_model(kind, head_scale=head_scale, seed=hash(kind) % 100)
+    pre, deq, post = split_deq_model(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 3, generator=g)
+    with torch.no_grad():
+        u = pre(x)
+    cert = AgreementCertifier(deq, post, u.shape[1:], u.device)
+    z_star = exact_states(model, u)
+    ref, ref_ok = cert.check(z_star, u)
+    assert ref_ok.float().mean() > 0.9  # converged states are certified (the check has power)
+    with torch.no_grad():
+        op = deq.cell.operator()
+        one_step = torch.relu(op.W(torch.zeros_like(u)) + u)
+        a = post[0].weight.double()
+        # adversarial: move z* straight towards the runner-up class until the label flips
+        logits = z_star @ a.T + post[0].bias.double()
+        top2 = logits.topk(2, dim=1).indices
+        direction = (a[top2[:, 1]] - a[top2[:, 0]]).clamp_min(0)  # keeps the state >= 0
+        gap = (logits.gather(1, top2[:, :1]) - logits.gather(1, top2[:, 1:])).squeeze(1)
+        step = (1.01 * gap / direction.pow(2).sum(1))[:, None] * direction
+        states = {"converged_f32": z_star.float(), "one_step": one_step, "garbage": 5 * torch.rand_like(u),
+                  "adversarial": (z_star + step).float(), "tiny_push": (z_star + 1e-3 * step).float()}
+    for name, z in states.items():
+        lab, ok = cert.check(z, u)
+        valid = ref_ok & ok
+        assert torch.equal(lab[valid], ref[valid]), f"{name}: certified a wrong label"
+    lab, ok = cert.check(states["adversarial"], u)
+    flipped = lab != ref
+    assert flipped.float().mean() > 0.5 and not (ok & flipped & ref_ok).any()
+
+
+def test_split_and_certifier_errors():
+    model = small_model("mon")
+    assert split_deq_model(model) is not None
+    assert split_deq_model(torch.nn.Sequential(*model, torch.nn.ReLU())) is None  # non-affine head
+    srs = SerializedSmooth(model, 3, 0.5, steps=1)
+    assert srs.certificate == "agreement"
+    assert SerializedSmooth(model, 3, 0.5, certificate="audit").certificate == "audit"
+    with pytest.raises(ValueError, match="agreement"):
+        SerializedSmooth(torch.nn.Sequential(*model, torch.nn.ReLU()), 3, 0.5, certificate="agreement")
+    with pytest.raises(ValueError, match="certificate"):
+        SerializedSmooth(model, 3, 0.5, certificate="nope")
+
+
+SIGMA, ALPHA = 0.5, 0.1
+
+
+def _true_pa(model, x, c, n=200_000):
+    g = torch.Generator().manual_seed(12345)
+    with torch.no_grad():
+        u = model[0](x + SIGMA * torch.randn(n, 3, generator=g))
+        z = exact_states(model, u)
+        lab = (z @ model[2].weight.double().T + model[2].bias.double()).argmax(1)
+    p = float((lab == c).double().mean())
+    return p, (p * (1 - p) / n) ** 0.5
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_agreement_srs_valid(adversarial, monkeypatch):
+    model = small_model("mon", seed=3)
+    x = torch.tensor([0.0, 0.0, -3.0])  # pA ~ 0.93
+    srs = SerializedSmooth(model, 3, SIGMA, steps=1)
+    c = srs.certify(x, 50, 2000, 0.001, 200, seed=0)[0]
+    assert c != ABSTAIN
+    p, sd = _true_pa(model, x, c)
+    assert 0.55 < p < 0.99
+    t_hi = SIGMA * norm.ppf(min(p + 4 * sd, 1 - 1e-9))  # true radius, upper estimate
+    if adversarial:  # truncated solves return states pushed hard towards class c
+        real = AgreementPass._solve
+
+        def fake(self, u, z0, max_iter):
+            z = real(self, u, z0, max_iter)
+            if max_iter == self.steps:
+                z = torch.relu(z + 50.0 * (model[2].weight[c] - model[2].weight.mean(0)))
+            return z
+        monkeypatch.setattr(AgreementPass, "_solve", fake)
+    reps, n = 150, 200
+    failures = naive = 0
+    for seed in range(reps):
+        res = srs.certify_detailed(x, 20, n, ALPHA, 50, seed=seed)
+        if res.prediction != ABSTAIN:
+            failures += (res.prediction != c) or (res.radius > t_hi)
+        naive += SIGMA * norm.ppf(max(cp_lower(res.extra["n_fast"], n, ALPHA), 0.5)) > t_hi
+    assert_rate_at_most(failures, reps, ALPHA)
+    if adversarial:
+        assert naive > reps // 2  # the adversary is real: uncorrected fast counts overclaim
