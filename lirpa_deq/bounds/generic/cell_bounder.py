@@ -112,7 +112,7 @@ class CellBounder:
             raise RuntimeError(f"nested auto_LiRPA module of the cell has inputs {roots}, expected (z, x)")
         self.z_name, self.x_name = roots
         self.out_name = self.module.final_name
-        self.num_nodes = len(self.module._modules)
+        self.num_ops, self.fan_in = _rounding_profile(self.module, z_example, x_example)
 
     def matches(self, z, x):
         """Usable for these inputs: same shapes/dtype/device and unchanged buffers."""
@@ -154,12 +154,36 @@ class CellBounder:
                     lo=lb.reshape(z_box[0].shape), hi=ub.reshape(z_box[0].shape))
 
     def rounding_slack(self, *tensors):
-        """Per-sample margin (B, 1, ..) for floating-point rounding of the nested bounds: auto_LiRPA
-        computes in plain float arithmetic. We allow (fan-in + 8) * eps * (1 + magnitude) per node
-        of the graph, fan-in <= the number of z and x entries, magnitude = largest entry involved."""
+        """Per-sample margin (B, 1, ..) for the floating-point rounding of the nested bounds
+        (auto_LiRPA computes in plain float arithmetic): Higham's bound (fan-in + 8) * eps *
+        magnitude per operation, summed over the graph's operations, with the largest fan-in of
+        its linear / conv layers and the largest magnitude among ``tensors``."""
         ref = tensors[0]
         eps = torch.finfo(ref.dtype).eps
-        fan_in = math.prod(self.key[0][1:]) + math.prod(self.key[1][1:])
         mag = torch.stack([t.detach().abs().flatten(1).max(1).values for t in tensors]).max(0).values
-        per_sample = self.num_nodes * (fan_in + 8) * eps * (1 + mag)
+        per_sample = self.num_ops * (self.fan_in + 8) * eps * (1 + mag)
         return per_sample.view((-1,) + (1,) * (ref.dim() - 1)) + torch.finfo(ref.dtype).tiny
+
+
+_NOT_OPS = ("BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant")
+
+
+def _rounding_profile(module, z_example, x_example):
+    """(number of operations, largest dot-product length) of the traced cell; the fan-in falls
+    back to the number of z and x entries when no linear / conv layer is recognised."""
+    with torch.no_grad():
+        module(z_example, x_example)  # forward values of the weights
+    ops, fan_in = 0, 0
+    for node in module._modules.values():
+        kind = type(node).__name__
+        if kind in _NOT_OPS:
+            continue
+        ops += 1
+        if kind in ("BoundLinear", "BoundMatMul", "BoundConv") and len(node.inputs) > 1:
+            w = getattr(node.inputs[1], "forward_value", None)
+            if isinstance(w, torch.Tensor) and w.dim() >= 2:
+                size = math.prod(w.shape[1:]) if kind == "BoundConv" else max(w.shape[-1], w.shape[-2])
+                fan_in = max(fan_in, int(size))
+    if fan_in == 0:
+        fan_in = z_example[0].numel() + x_example[0].numel()
+    return max(ops, 1), fan_in
