@@ -50,6 +50,14 @@ EXPECTED = {
         (rf"^SRS \(1 step\)\s+{PCT}\s+{PCT}\s+{PCT}\s+{NUM}\s+\d+$", [("pct", 1), ("pct", 2), ("pct", 3)]),
         (rf"^largest certifiable radius: plain RS {NUM}", [("range", 1, 0, 10)]),
     ],
+    "custom_cell.py": [
+        (rf"^contraction of MyCell in z: L = {NUM} \(computed\)", [("range", 1, 0, 0.95)]),
+        (rf"^clean accuracy\s+{PCT}$", [("pct", 1), ("range", 1, 50, 100)]),
+        (rf"^PGD accuracy \(upper bound\)\s+{PCT}$", [("pct", 1)]),
+        (rf"^certified IBP\s+{PCT}\s+{NUM}$", [("pct", 1)]),
+        (rf"^certified CROWN\s+{PCT}\s+{NUM}$", [("pct", 1)]),
+        (r"^  ContractionError: MyCell is not a proved contraction in z", []),
+    ],
 }
 
 
@@ -75,7 +83,7 @@ def check_line(out, pattern, checks, name):
 
 def test_examples_are_collected():
     assert {"simple_verification.py", "train_ibp_mondeq.py", "train_crown_ibp_deq.py", "lipschitz.py",
-            "smoothing_srs.py"} <= set(EXAMPLES)
+            "smoothing_srs.py", "custom_cell.py"} <= set(EXAMPLES)
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
