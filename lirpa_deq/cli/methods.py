@@ -94,7 +94,8 @@ def certify_smoothing(model, x, y, sigma=0.25, n=1000, n0=100, alpha=0.001, srs_
     """Randomized-smoothing certificates of each image (one at a time).
 
     Returns a dict: 'prediction' long (B,) (-1 = abstain), 'radius' (B,) l2 radii, 'seconds'.
-    srs_steps > 0: Serialized RS with that many warm-started solver steps per batch (audited)."""
+    srs_steps > 0: Serialized RS with that many warm-started solver steps per batch (per-sample agreement
+    certificates when the model allows it, else audited; see docs/smoothing.md)."""
     from ..smoothing import SerializedSmooth, Smooth
 
     model.eval()
