@@ -211,15 +211,17 @@ def test_near_critical_weights_fall_back_to_the_contraction_ball():
         bounds(model, x, 0.5, "IBP", fallback=False)
 
 
-def test_generic_ibp_bound_is_differentiable():
+@pytest.mark.parametrize("method", ["IBP", "CROWN"])
+def test_generic_bounds_are_differentiable(method):
     model = fc_model(TanhCell, 0).float()
     model[1].tol = 1e-6  # float32
     x = torch.randn(4, 6)
     bounded = BoundedModule(model, x)
-    lb, ub = bounded.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.05)),), method="IBP")
+    lb, ub = bounded.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.05)),), method=method)
     (ub - lb).sum().backward()
-    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
-    assert model[1].cell.U.weight.grad.abs().sum() > 0
+    assert model[0].weight.grad.abs().sum() > 0 and model[2].weight.grad.abs().sum() > 0
+    if method == "IBP":  # CROWN: auto_LiRPA detaches the nested return_A, the cell gets no gradient
+        assert model[1].cell.U.weight.grad.abs().sum() > 0 and model[1].cell.A.weight.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------- agreement with the fast path

@@ -56,12 +56,13 @@ def generic_bound_backward(node, last_lA, last_uA, x_node, params, dense):
     flat = lambda t: t.reshape(batch, -1)  # noqa: E731
     box, x_box = (flat(lo), flat(hi)), (flat(x_lo.detach()), flat(x_hi.detach()))
     sides = [(last_lA, 1.0), (last_uA, -1.0)]
-    grad = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad
-        for t in [last_lA, last_uA, x_lo, x_hi, *params.values()])
-    with torch.set_grad_enabled(grad):
+    # auto_LiRPA detaches the A matrices it returns, so the cell's relaxation is a constant here:
+    # gradients reach the layers after the DEQ (through g) and before it (through auto_LiRPA's
+    # use of A_x), not the cell's weights -- IBP bounds of generic cells do reach them
+    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in (last_lA, last_uA))
+    with torch.no_grad():
         lin = bounder.linear((lo, hi), (x_lo, x_hi))
-    lin_const = {k: v.detach() for k, v in lin.items()}
     opts = node.adjoint_options
     out = []
     for last_A, sign in sides:
@@ -71,7 +72,7 @@ def generic_bound_backward(node, last_lA, last_uA, x_node, params, dense):
         g = sign * dense(last_A, (batch, *z_shape))
         spec = g.shape[0]
         g = g.reshape(spec, batch, -1)
-        A_x, bias, _, nu = generic_adjoint_lower(g.detach(), lin_const, box, x_box,
+        A_x, bias, _, nu = generic_adjoint_lower(g.detach(), lin, box, x_box,
                                                  max_iter=int(opts.get("adjoint_max_iter", 100)),
                                                  tol=float(opts.get("adjoint_tol", 1e-6)))
         if grad:
