@@ -34,12 +34,15 @@ and registers the DEQ operator, so `BoundedModule(model, x)` accepts models cont
 `lirpa_deq.nn.DEQ` layers. The names below are re-exports."""),
     ("lirpa_deq.nn", "DEQ layers and cells", """
 **Shapes.** A DEQ layer maps an injection `u` to its fixed point `z*` of the same shape: `(B, n)` for
-fc cells, `(B, C, H, W)` for conv cells. **Guarantee.** Each ReLU-affine cell's parameterisation
-PROVES its structural property for any raw parameter values (`cell.guarantee`: 'monotone',
-'interval-monotone' or 'contraction'; `cell.check()` verifies it numerically), hence a unique fixed
-point. The forward output is a solver result (tolerance `tol`), not exact. **Errors.**
-`ValueError` for bad solver names / options / shapes, `TypeError` for non-cells,
-`DEQConvergenceWarning` / `DEQConvergenceError` when a solve misses `tol`. See `docs/layers.md`."""),
+fc cells, `(B, C, H, W)` for conv cells; a generic cell `cell(z, x)` has the state shape
+`cell.state_shape(x_shape)` (x's shape by default). **Guarantee.** Each ReLU-affine cell's
+parameterisation PROVES its structural property for any raw parameter values (`cell.guarantee`:
+'monotone', 'interval-monotone' or 'contraction'; `cell.check()` verifies it numerically), hence a
+unique fixed point; generic cells need a proved contraction in z (computed, or
+`declare_contraction`). The forward output is a solver result (tolerance `tol`), not exact.
+**Errors.** `ValueError` for bad solver names / options / shapes, `TypeError` for non-modules,
+`DEQConvergenceWarning` / `DEQConvergenceError` when a solve misses `tol`, `ContractionError` when a
+generic cell's contraction cannot be proved. See `docs/layers.md`, `docs/generic.md`."""),
     ("lirpa_deq.solvers", "fixed-point solvers", """
 All solvers: `solve(f, z0, *, tol, max_iter, **opts) -> (z, SolverStats)` on batched states
 `(B, ...)`; the residual is per sample `||f(z) - z|| / (||z|| + 1e-8)`; the returned `z` is per
@@ -53,6 +56,14 @@ vector. Options via `BoundedModule(..., bound_opts={'deq': {...}})` (`IntervalOp
 **Errors.** `IntervalProofError` when no box can be proved and `fallback=False`;
 `NotImplementedError` for perturbed cell weights; `ValueError` for unknown options. See
 `docs/ibp.md`, `docs/crown.md`."""),
+    ("lirpa_deq.bounds.generic", "bounds through generic cells", """
+A generic cell `cell(z, x)` is bounded through a nested auto_LiRPA `BoundedModule` of the cell over
+(z, x) (`CellBounder`). **Guarantee (sound)**, given the cell's contraction constant L < 1 in z
+(l2): computed by `graph_lipschitz` (sound upper bound), or declared (`declare_contraction`,
+sample-checked, then trusted). IBP: a proved post-fixpoint box or the contraction-ball box; CROWN:
+the adjoint bound over that box. **Errors.** `ContractionError` (no proved contraction, an op
+without a Lipschitz rule, a declared constant violated); `ValueError` for BatchNorm or
+parametrizations in training mode. See `docs/generic.md`."""),
     ("lirpa_deq.lipschitz", "Lipschitz bounds and certificates", """
 **Shapes.** `x` (B, *input_shape) float32/float64; `C` (B, K, num_classes); results (B, K).
 **Guarantee (sound).** Every returned bound is >= the true supremum of the dual gradient norm over
@@ -113,12 +124,7 @@ CONSTANTS = {
 
 #: Descriptions of public functions/classes whose source has no docstring yet (shown in italics;
 #: tests/test_api_docs.py lists them, so they are visible; the owners should add docstrings).
-MISSING_DOC_NOTES = {
-    "lirpa_deq.nn.serial_warm_start": "Context manager: inside it every DEQ of `model` starts from its "
-                                      "previous output (same shape/dtype/device) and runs at most `max_iter` "
-                                      "iterations, without warnings (Serialized RS); yields the DEQ modules.",
-    "lirpa_deq.bounds.is_tracing": "True while torch.jit is tracing (auto_LiRPA building its graph).",
-}
+MISSING_DOC_NOTES: dict = {}
 
 SKIP_METHODS = {"extra_repr"}
 WIDTH = 100

@@ -1,11 +1,11 @@
-"""The Python code blocks of the README and the getting-started page run as written."""
+"""The Python code blocks of the README, the getting-started page and docs/generic.md run as written."""
 import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["README.md", "docs/getting_started.md"]
+PAGES = ["README.md", "docs/getting_started.md", "docs/generic.md"]
 
 
 def python_blocks(path):

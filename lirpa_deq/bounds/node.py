@@ -79,4 +79,5 @@ def traced_deq(deq, u):
 
 
 def is_tracing() -> bool:
+    """True while torch.jit is tracing (auto_LiRPA building its graph)."""
     return torch._C._get_tracing_state() is not None

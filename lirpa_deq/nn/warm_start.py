@@ -21,6 +21,10 @@ def deq_modules(model) -> list:
 
 @contextlib.contextmanager
 def serial_warm_start(model, max_iter: int = 1):
+    """Context manager: inside it every DEQ of ``model`` starts from its previous output (same
+    shape, dtype and device) and runs at most ``max_iter`` iterations, without warnings (Serialized
+    RS; see the module doc). Yields the DEQ modules; restores their configuration on exit.
+    Guarantees nothing about convergence: corrections are the caller's (lirpa_deq.smoothing)."""
     if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"serial_warm_start max_iter must be an integer >= 1, got {max_iter!r}")
     mods = deq_modules(model)
