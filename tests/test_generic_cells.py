@@ -281,3 +281,24 @@ def test_changed_batchnorm_statistics_invalidate_the_cached_box():
     lb2, ub2 = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method="IBP")
     assert not torch.allclose(lb1, lb2)
     assert_sound(model, x, 0.02, lb2, ub2, atol=ATOL, n_samples=100, pgd_steps=10)
+
+
+@pytest.mark.parametrize("convention", ["0.3", "upstream", "unknown"])
+def test_crown_bias_is_recovered_under_both_auto_lirpa_conventions(convention):
+    """0.3 records the pure bias b under every input of return_A; upstream records, per input, the
+    concrete bound minus that input's own term. Both give the same b; anything else raises."""
+    from lirpa_deq.bounds.generic.cell_bounder import _concretize, _pure_bias
+
+    torch.manual_seed(0)
+    Az, Ax, b = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    zc, xc = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    z_box, x_box = (zc - 0.1, zc + 0.1), (xc - 0.2, xc + 0.2)
+    cz, cx = _concretize(Az, z_box, 1.0), _concretize(Ax, x_box, 1.0)
+    bound = b + cz + cx
+    records = {"0.3": (b, b), "upstream": (bound - cz, bound - cx), "unknown": (b + 1, b)}[convention]
+    if convention == "unknown":
+        with pytest.raises(RuntimeError, match="matches neither the 0.3 nor the upstream convention"):
+            _pure_bias(bound, Az, Ax, z_box, x_box, *records, 1.0)
+        return
+    got = _pure_bias(bound, Az, Ax, z_box, x_box, *records, 1.0)
+    assert bool((got <= b).all()) and torch.allclose(got, b, atol=1e-12)  # moved outward by rounding only

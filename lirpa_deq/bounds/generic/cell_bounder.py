@@ -17,10 +17,23 @@ rebuilt whenever any parameter changes, and bound gradients do not reach the par
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    """auto_LiRPA creates some specification tensors in the default dtype (upstream: float32
+    intermediate specifications of ReLU nodes); a float64 cell needs them in float64."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
 
 
 class _CellOfZX(nn.Module):
@@ -132,7 +145,8 @@ class CellBounder:
 
     def ibp(self, z_box, x_box):
         """(lo, hi) of cell(z, x) over the boxes, each (B, *z_shape)."""
-        lb, ub = self.module.compute_bounds(x=self._inputs(z_box, x_box), method="IBP")
+        with _default_dtype(z_box[0].dtype):
+            lb, ub = self.module.compute_bounds(x=self._inputs(z_box, x_box), method="IBP")
         return lb.reshape(z_box[0].shape), ub.reshape(z_box[0].shape)
 
     def linear(self, z_box, x_box):
@@ -142,16 +156,20 @@ class CellBounder:
         batch, n = z_box[0].shape[0], z_box[0][0].numel()
         # explicit identity specification: 0.3's default C is float32 whatever the model's dtype
         C = torch.eye(n, dtype=z_box[0].dtype, device=z_box[0].device).expand(batch, n, n)
-        lb, ub, A = self.module.compute_bounds(
-            x=self._inputs(z_box, x_box), C=C, method="CROWN", return_A=True,
-            needed_A_dict={self.out_name: [self.z_name, self.x_name]})
+        with _default_dtype(z_box[0].dtype):
+            lb, ub, A = self.module.compute_bounds(
+                x=self._inputs(z_box, x_box), C=C, method="CROWN", return_A=True,
+                needed_A_dict={self.out_name: [self.z_name, self.x_name]})
         Az, Ax = A[self.out_name][self.z_name], A[self.out_name][self.x_name]
         flat = lambda t, width: t.reshape(batch, n, width)  # noqa: E731
         m = x_box[0][0].numel()
-        return dict(Lz=flat(Az["lA"], n), Uz=flat(Az["uA"], n), Lx=flat(Ax["lA"], m),
-                    Ux=flat(Ax["uA"], m), bl=Az["lbias"].reshape(batch, n),
-                    bu=Az["ubias"].reshape(batch, n),
-                    lo=lb.reshape(z_box[0].shape), hi=ub.reshape(z_box[0].shape))
+        lin = dict(Lz=flat(Az["lA"], n), Uz=flat(Az["uA"], n), Lx=flat(Ax["lA"], m), Ux=flat(Ax["uA"], m),
+                   lo=lb.reshape(z_box[0].shape), hi=ub.reshape(z_box[0].shape))
+        zf = tuple(t.reshape(batch, n) for t in z_box)
+        xf = tuple(t.reshape(batch, m) for t in x_box)
+        lin["bl"] = _pure_bias(lb.reshape(batch, n), lin["Lz"], lin["Lx"], zf, xf, Az["lbias"], Ax["lbias"], 1.0)
+        lin["bu"] = _pure_bias(ub.reshape(batch, n), lin["Uz"], lin["Ux"], zf, xf, Az["ubias"], Ax["ubias"], -1.0)
+        return lin
 
     def rounding_slack(self, *tensors):
         """Per-sample margin (B, 1, ..) for the floating-point rounding of the nested bounds
@@ -163,6 +181,36 @@ class CellBounder:
         mag = torch.stack([t.detach().abs().flatten(1).max(1).values for t in tensors]).max(0).values
         per_sample = self.num_ops * (self.fan_in + 8) * eps * (1 + mag)
         return per_sample.view((-1,) + (1,) * (ref.dim() - 1)) + torch.finfo(ref.dtype).tiny
+
+
+def _concretize(A, box, sign):
+    """min (sign=1) or max (sign=-1) of A v over the box, per row: (B, rows)."""
+    c, r = (box[1] + box[0]) / 2, (box[1] - box[0]) / 2
+    return torch.einsum("bij,bj->bi", A, c) - sign * torch.einsum("bij,bj->bi", A.abs(), r)
+
+
+def _pure_bias(bound, Az, Ax, z_box, x_box, bias_z, bias_x, sign):
+    """The constant term b of CROWN's linear bound ``Az z + Ax x + b`` (B, n).
+
+    auto_LiRPA's ``return_A`` bias differs between versions: 0.3 records the pure bias under every
+    input, upstream (>= 0.6) records, per input, the concrete bound minus that input's own
+    concretized term. Both satisfy ``bound = b + conc_z + conc_x``, so b is recovered from the
+    concrete bound, and checked against the version's record (a semantics we do not know raises).
+    The recovered b is moved outward by its rounding error (Higham), keeping the bound sound."""
+    conc_z, conc_x = _concretize(Az, z_box, sign), _concretize(Ax, x_box, sign)
+    bias = bound - conc_z - conc_x
+    bz, bx = bias_z.reshape(bias.shape), bias_x.reshape(bias.shape)
+    rel = max(1e-6, 10 * (Az.shape[-1] + Ax.shape[-1]) * torch.finfo(bias.dtype).eps)
+    scale = rel * (1 + bound.abs() + conc_z.abs() + conc_x.abs())  # a semantics check, not the margin
+    if not (bool(((bz - bias).abs() <= scale).all() and ((bx - bias).abs() <= scale).all())
+            or bool(((bz + bx - bound - bias).abs() <= scale).all())):
+        raise RuntimeError("the installed auto_LiRPA's return_A bias matches neither the 0.3 nor the "
+                           "upstream convention; the generic-cell CROWN bound cannot be assembled soundly")
+    eps = torch.finfo(bias.dtype).eps
+    terms = (bound.abs() + torch.einsum("bij,bj->bi", Az.abs(), torch.maximum(z_box[0].abs(), z_box[1].abs()))
+             + torch.einsum("bij,bj->bi", Ax.abs(), torch.maximum(x_box[0].abs(), x_box[1].abs())))
+    fan_in = Az.shape[-1] + Ax.shape[-1] + 8
+    return bias - sign * fan_in * eps * terms
 
 
 _NOT_OPS = ("BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant")

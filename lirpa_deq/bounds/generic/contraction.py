@@ -68,6 +68,16 @@ def _conv_norm(weight, groups):
     return bound
 
 
+def _gemm_scale(node):
+    """|alpha| of an ONNX Gemm (Y = alpha A B + beta C): ``alpha_linear`` upstream, ``alpha`` in 0.3
+    (upstream's ``alpha`` is the dict of alpha-CROWN slopes)."""
+    for name in ("alpha_linear", "alpha"):
+        value = getattr(node, name, None)
+        if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+            return abs(float(value))
+    return 1.0
+
+
 def _value(node):
     v = getattr(node, "forward_value", None)
     if v is None:
@@ -134,7 +144,7 @@ def graph_lipschitz(bounder, z, x):
             weight = factor(node, 1)
             if weight.dim() != 2:
                 raise ContractionError(f"{kind} node {name}: weight of shape {tuple(weight.shape)} is not a matrix")
-            out = abs(float(getattr(node, "alpha", 1.0))) * _spectral(weight) * only_first()
+            out = _gemm_scale(node) * _spectral(weight) * only_first()
         elif kind == "BoundConv":
             out = _conv_norm(factor(node, 1), int(node.groups)) * only_first()
         elif kind == "BoundBatchNormalization":
