@@ -109,15 +109,18 @@ def test_agreement_srs_valid(adversarial, monkeypatch):
     p, sd = _true_pa(model, x, c)
     assert 0.55 < p < 0.99
     t_hi = SIGMA * norm.ppf(min(p + 4 * sd, 1 - 1e-9))  # true radius, upper estimate
-    if adversarial:  # truncated solves return states pushed hard towards class c
-        real = AgreementPass._solve
+    if adversarial:  # every solve returns states pushed hard towards class c (chain and rescue)
+        real = AgreementPass._solve_batch
+        push = 50.0 * (model[2].weight[c] - model[2].weight.mean(0)).detach()
 
-        def fake(self, u, z0, max_iter):
-            z = real(self, u, z0, max_iter)
-            if max_iter == self.steps:
-                z = torch.relu(z + 50.0 * (model[2].weight[c] - model[2].weight.mean(0)))
-            return z
-        monkeypatch.setattr(AgreementPass, "_solve", fake)
+        def fake(self, u, z0, c_a):
+            chain, fast, states, lab, proved, beyond = real(self, u, z0, c_a)
+            chain = torch.relu(chain + push)
+            if states is not None:
+                states = torch.relu(states + push)
+                lab = self.stop.labels(states)
+            return chain, self.stop.labels(chain), states, lab, proved, beyond
+        monkeypatch.setattr(AgreementPass, "_solve_batch", fake)
     reps, n = 150, 200
     failures = naive = 0
     for seed in range(reps):

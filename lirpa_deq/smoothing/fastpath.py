@@ -1,15 +1,20 @@
 """The serialized pass of SRS with per-sample agreement certificates (no statistical correction).
 
 For a model ``nn.Sequential(*pre, DEQ, *post)`` (affine ``post``), every batch of noisy inputs is
-embedded (``u = pre(x + d)``), its DEQ is solved by the DEQ's own solver for at most ``steps``
-iterations from the previous batch's states (row by row; the first batch is a full solve), and
-:class:`~lirpa_deq.smoothing.agreement.AgreementCertifier` decides, per sample, whether the
-truncated state's prediction provably equals the exact DEQ's ``f*(x + d)``.  Samples it cannot
-certify are solved further after the pass (warm-started, in growing chunks of iterations, dropped
-once certified, up to ``deq.max_iter`` iterations); samples still uncertain count as "not the
-candidate class".  The resulting count ``N_low`` satisfies
-``N_low <= #{i : f*(x + d_i) = cA}`` deterministically, so Clopper-Pearson at the full ``alpha``
-applies (theorem in ``docs/smoothing.md``).
+embedded (``u = pre(x + d)``).  Batch 0 is a full solve from zero with the DEQ's solver (the
+warm-up); every later batch starts from the previous batch's states (row by row) and runs
+``steps`` solver iterations: that truncated state is handed to the next batch (the serialized
+chain of SRS).  In the estimation phase the same solve then *continues*, per row, until the row's
+label looks certifiable (float32 stopping test, :mod:`~lirpa_deq.smoothing.fused`), its residual
+is below ``deq.tol / 10``, or ``deq.max_iter`` iterations.  Then the float64
+:class:`~lirpa_deq.smoothing.agreement.AgreementCertifier` checks, per sample, every state whose
+label is the candidate class ``cA``; a state that fails is solved again with a stricter stopping
+test (twice at most) and otherwise not counted.  States of other labels are never counted, so
+they need no proof.  Hence ``N_low = #{i : proved_i and label_i = cA} <= #{i : f*(x + d_i) = cA}``
+deterministically, and Clopper-Pearson at the full ``alpha`` applies (``docs/smoothing.md``).
+
+DEQs whose solver is not Anderson / fixed-point iteration use the DEQ's own solver instead: the
+truncated solve, then continued solves in growing chunks with a float64 check after each chunk.
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ import torch
 
 from .agreement import AgreementCertifier
 from .core import _progress, gaussian_noise
+from .fused import FusedAnderson, StopTest
+
+RETRIES = 2
 
 
 class AgreementPass:
@@ -33,34 +41,95 @@ class AgreementPass:
         self.solver = get_solver(deq.solver)
         names = solver_options(self.solver)
         self.opts = {k: v for k, v in deq.solver_opts.items() if k in names}
-        self.certifier = None
-        self.iterations = self.row_iterations = self.calls = 0
-        self.uncertain = self.rescued = 0
+        self.certifier = self.op = self.fused = None
+        self._iters = self._row_iters = self._calls = 0
+        self.uncertain = self.rescued = self.retried = 0
         self.rescue_chunk = 4
 
-    def _solve(self, u, z0, max_iter):
-        op = self.deq.cell.operator()
-        op.prepare(tuple(u.shape[1:]))
-        prob = self._problem(op, u, margin=self.deq.cell.margin)
-        z, stats = self.solver(prob, z0, tol=self.deq.tol, max_iter=max_iter, **self.opts)
-        self.iterations += stats.iterations
-        self.row_iterations += stats.iterations * u.shape[0]
-        self.calls += 1
-        return torch.relu(op.W(z) + u)  # one cell step: the state that is classified and passed on
+    # -- statistics (generic solver calls + fused solves) ------------------------------------------
+    @property
+    def iterations(self):
+        return self._iters + (self.fused.iterations if self.fused else 0)
 
-    def _ensure_certifier(self, u):
-        if self.certifier is None:
-            self.deq.cell.state_shape(u.shape)
-            self.certifier = AgreementCertifier(self.deq, self.post, u.shape[1:], u.device)
-            if self.certifier.b.numel() != self.num_classes:
-                raise ValueError(f"the model has {self.certifier.b.numel()} outputs, expected num_classes="
-                                 f"{self.num_classes}")
+    @property
+    def row_iterations(self):
+        return self._row_iters + (self.fused.row_iterations if self.fused else 0)
+
+    @property
+    def calls(self):
+        return self._calls + (self.fused.calls if self.fused else 0)
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _setup(self, u):
+        """Certifier, operator and fused solver, built once per certification."""
+        if self.certifier is not None:
+            return
+        self.deq.cell.state_shape(u.shape)
+        self.certifier = AgreementCertifier(self.deq, self.post, u.shape[1:], u.device)
+        if self.certifier.b.numel() != self.num_classes:
+            raise ValueError(f"the model has {self.certifier.b.numel()} outputs, expected num_classes="
+                             f"{self.num_classes}")
+        self.op = self.deq.cell.operator()
+        self.op.prepare(tuple(u.shape[1:]))
+        self.stop = StopTest(self.certifier, u.dtype, u.device)
+        name = self.deq.solver
+        if name in ("anderson", "fixed_point_iter"):
+            o = self.opts
+            m = int(o.get("m", 5)) if name == "anderson" else 1
+            lam = float(o.get("lam", 1e-4)) if name == "anderson" else 0.0
+            self.fused = FusedAnderson(self.op, u.shape[1:], self.stop, m=m, lam=lam,
+                                       damping=float(o.get("damping", 1.0)))
+
+    def _solve(self, u, z0, max_iter):
+        """The DEQ's own solver from ``z0``, then one cell step (the state classified / passed on)."""
+        prob = self._problem(self.op, u, margin=self.deq.cell.margin)
+        z, stats = self.solver(prob, z0, tol=self.deq.tol, max_iter=max_iter, **self.opts)
+        self._iters += stats.iterations
+        self._row_iters += stats.iterations * u.shape[0]
+        self._calls += 1
+        return torch.relu(self.op.W(z) + u)
+
+    def _warm_up(self, u):
+        """Batch 0: from zero, each row until its label looks certifiable (stopping test) or its
+        residual is below ``deq.tol`` (fused path), else a full solve with the DEQ's solver."""
+        if self.fused is None:
+            z = self._solve(u, torch.zeros_like(u), self.deq.max_iter)
+            return z, self.stop.labels(z.reshape(z.shape[0], -1))
+        _, z, labels, _, _ = self.fused.solve(u, torch.zeros_like(u), steps=0, max_iter=self.deq.max_iter,
+                                              stop_tol=self.deq.tol, chain=False)
+        return z, labels
+
+    # -- one batch -------------------------------------------------------------------------------
+    def _solve_batch(self, u, z0, c_a):
+        """``(chain, fast_labels, states, labels, proved, beyond)`` for one warm-started batch.
+
+        ``chain``: the state after ``steps`` iterations (handed to the next batch), ``fast_labels``
+        its head labels; with ``c_a`` None (selection phase) the rest is None.  Otherwise
+        ``states`` / ``labels``: where each row's continued solve stopped; ``proved``: None, or the
+        rows already certified in float64 (generic path); ``beyond``: rows that needed more than
+        ``steps`` iterations.  Nothing returned here is trusted.
+        """
+        if self.fused is None:
+            chain = self._solve(u, z0, self.steps)
+            fast = self.stop.labels(chain.reshape(chain.shape[0], -1))
+            if c_a is None:
+                return chain, fast, None, None, None, None
+            states, labels, proved, beyond = self._rescue(u, chain.clone())
+            return chain, fast, states, labels, proved, beyond
+        if c_a is None:
+            chain = self.fused.solve(u, z0, steps=self.steps, max_iter=self.steps, stop_tol=0.0)[0]
+            return chain, self.stop.labels(chain.reshape(chain.shape[0], -1)), None, None, None, None
+        chain, states, labels, _, it = self.fused.solve(u, z0, steps=self.steps, max_iter=self.deq.max_iter,
+                                                        stop_tol=self.deq.tol / 10)
+        fast = self.stop.labels(chain.reshape(chain.shape[0], -1))
+        return states.clone(), fast, states, labels, None, it > self.steps
 
     def _rescue(self, u, z):
-        """Solve in growing chunks (4, 8, 16, ... iterations), dropping rows once certified, until
-        ``deq.max_iter`` iterations are spent (rows still uncertain stay uncertified)."""
+        """Generic path: solve in growing chunks (4, 8, 16, ... iterations) with the DEQ's solver,
+        dropping rows once certified, until ``deq.max_iter`` iterations are spent."""
         labels, ok = self.certifier.check(z, u)
-        todo, spent = (~ok).nonzero().flatten(), 0
+        beyond = ~ok
+        todo, spent = beyond.nonzero().flatten(), 0
         while todo.numel() and spent < self.deq.max_iter:
             k = min(self.rescue_chunk << min(spent // self.rescue_chunk, 30).bit_length(), self.deq.max_iter - spent)
             z_t = self._solve(u[todo], z[todo], k)
@@ -69,46 +138,64 @@ class AgreementPass:
             lab_t, ok_t = self.certifier.check(z_t, u[todo])
             labels[todo], ok[todo] = lab_t, ok_t
             todo = todo[~ok_t]
-        return labels, ok
+        return z, labels, ok, beyond
 
+    def _prove(self, u, states, labels, proved, c_a):
+        """float64 certificates for the rows labelled ``c_a``; a row whose check fails is solved
+        again with a 10x stricter stopping test (``RETRIES`` times at most; fused path).
+        Updates ``states`` / ``labels`` in place; returns the certified mask."""
+        if proved is not None:
+            return proved & (labels == c_a)
+        out = torch.zeros_like(labels, dtype=torch.bool)
+        idx, kappa = (labels == c_a).nonzero().flatten(), 1e-3
+        for attempt in range(RETRIES + 1):
+            if idx.numel() == 0:
+                break
+            if attempt:
+                kappa *= 10
+                self.retried += idx.numel()
+                _, st, lab, _, _ = self.fused.solve(u[idx], states[idx], steps=0, max_iter=self.deq.max_iter,
+                                                    stop_tol=self.deq.tol / 10, kappa=kappa, chain=False)
+                states[idx], labels[idx] = st, lab
+                idx = idx[lab == c_a]
+            lab, ok = self.certifier.check(states[idx], u[idx])
+            good = ok & (lab == c_a)
+            out[idx[good]] = True
+            idx = idx[~good]
+        return out
+
+    # -- the pass --------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, x, n0, n, batch_size, sigma, gen, progress):
-        """Returns ``(selection_counts (K,), labels (n,), certified (n,))`` after the rescue step."""
-        prev = None
+        """Returns ``(selection_counts (K,), cA, labels (n,), proved (n,), fast_labels (n,))``;
+        ``proved[i]``: ``f*(x + d_i) = labels[i] = cA`` is certified (float64)."""
+        prev, c_a = None, None
         counts0 = torch.zeros(self.num_classes, dtype=torch.int64, device=x.device)
         labels = torch.empty(n, dtype=torch.int64, device=x.device)
-        certified = torch.empty(n, dtype=torch.bool, device=x.device)
-        pending_u, pending_z, pending_pos = [], [], []
+        fast_labels = torch.empty(n, dtype=torch.int64, device=x.device)
+        proved = torch.zeros(n, dtype=torch.bool, device=x.device)
         for phase, num in (("select", n0), ("estimate", n)):
             remaining, start = num, 0
+            if phase == "estimate":
+                c_a = int(torch.argmax(counts0))
             for _ in _progress(range(math.ceil(num / batch_size)), progress, f"SRS {phase}"):
                 u = self.pre(gaussian_noise(x, batch_size, sigma, gen))
-                self._ensure_certifier(u)
-                if prev is None:  # warm-up: a full solve from zero
-                    z = self._solve(u, torch.zeros_like(u), self.deq.max_iter)
-                else:
-                    z = self._solve(u, prev, self.steps)
-                lab, ok = self.certifier.check(z, u)
-                prev = z
+                self._setup(u)
                 b = min(batch_size, remaining)
                 remaining -= b
-                if phase == "select":
-                    counts0 += torch.bincount(lab[:b], minlength=self.num_classes)
+                if prev is None:  # warm-up (always in the selection phase, n0 >= 1): solve from 0
+                    prev, fast = self._warm_up(u)
+                    counts0 += torch.bincount(fast[:b], minlength=self.num_classes)
                     continue
-                labels[start:start + b], certified[start:start + b] = lab[:b], ok[:b]
-                bad = (~ok[:b]).nonzero().flatten()
-                if bad.numel():
-                    pending_u.append(u[bad])
-                    pending_z.append(prev[bad])
-                    pending_pos.append(bad + start)
+                prev, fast, states, lab, pr, beyond = self._solve_batch(u, prev, c_a)
+                if phase == "select":
+                    counts0 += torch.bincount(fast[:b], minlength=self.num_classes)
+                    continue
+                states, lab = states[:b], lab[:b].clone()
+                ok = self._prove(u[:b], states, lab, None if pr is None else pr[:b], c_a)
+                labels[start:start + b], proved[start:start + b] = lab, ok
+                fast_labels[start:start + b] = fast[:b]
+                self.uncertain += int(beyond[:b].sum())
+                self.rescued += int((beyond[:b] & ok).sum())
                 start += b
-        self.fast_labels = labels.clone()  # truncated-solve predictions, before the rescue
-        if pending_pos:  # rescue: continue solving the uncertain samples until certified
-            u, z0, pos = torch.cat(pending_u), torch.cat(pending_z), torch.cat(pending_pos)
-            self.uncertain = int(pos.numel())
-            for i in range(0, pos.numel(), batch_size):
-                lab, ok = self._rescue(u[i:i + batch_size], z0[i:i + batch_size])
-                labels[pos[i:i + batch_size]] = lab
-                certified[pos[i:i + batch_size]] = ok
-                self.rescued += int(ok.sum())
-        return counts0, labels, certified
+        return counts0, c_a, labels, proved, fast_labels

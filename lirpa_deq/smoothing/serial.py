@@ -186,12 +186,13 @@ class SerializedSmooth(Smooth):
         deterministic lower bound on the exact classifier's count, so the full ``alpha`` goes to
         Clopper-Pearson (docs/smoothing.md, Theorem 2)."""
         pas = AgreementPass(*self._parts, self.num_classes, self.steps)
-        counts0, labels, certified = pas.run(x, n0, n, batch_size, self.sigma, gen, progress)
-        c_a = int(torch.argmax(counts0))
-        count = int((certified & (labels == c_a)).sum())
+        counts0, c_a, labels, proved, fast = pas.run(x, n0, n, batch_size, self.sigma, gen, progress)
+        count = int((proved & (labels == c_a)).sum())
+        other = int((labels != c_a).sum())
         extra = {
-            "certificate": "agreement", "n_fast": int((pas.fast_labels == c_a).sum()), "uncertified": int((~certified).sum()),
-            "uncertain_fast": pas.uncertain, "rescued": pas.rescued, "solver_iterations": pas.iterations,
+            "certificate": "agreement", "n_fast": int((fast == c_a).sum()), "counted": count,
+            "other_label": other, "uncertified": n - count - other, "uncertain_fast": pas.uncertain,
+            "rescued": pas.rescued, "retried": pas.retried, "solver_iterations": pas.iterations,
             "row_iterations": pas.row_iterations, "solver_calls": pas.calls, "selection_counts": counts0.cpu().numpy(),
         }
         return self._finish(c_a, count, n, alpha, self.sigma, extra)
