@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Benchmark: plain randomized smoothing (converged DEQ solves) vs Serialized RS (1 and 3 steps).
+"""Benchmark: plain randomized smoothing (converged DEQ solves) vs Serialized RS (1 and 3 steps), with
+the agreement certificate (srs-k) and the audit correction (srs-k-aud) in the same run.
 
 On the embedded MNIST-5k test split with a fully connected MonDEQ (MonLinear(256), m = 0.2, Anderson,
 tol 1e-4: ~30 iterations per converged solve; trained here for 1 epoch with Gaussian noise
 augmentation, one model per sigma, unless --checkpoint is given), for every sigma
 and method it reports: seconds per image, DEQ solver iterations (per batch call, summed, and
-"row-iterations" = iterations x batch rows), the SRS audit statistics, and certified accuracy at
+"row-iterations" = iterations x active batch rows), the SRS statistics, and certified accuracy at
 radii 0, 0.25, 0.5, 0.75, 1.0 -- then the speed ratios against plain smoothing.
 
-    python benchmarks/bench_smoothing.py --threads 1 --num-images 40   # the documented run
+    python benchmarks/bench_smoothing.py --threads 1 --num-images 100   # the documented run (~20 min)
     python benchmarks/bench_smoothing.py --n 2000 --num-images 10   # quick
 
 Requires ``lirpa_deq.nn`` (DEQ, IBPMonLinear, serial_warm_start).  Not a test.
@@ -132,7 +133,8 @@ def main(argv=None):
     p.add_argument("--audit-size", type=int, default=400)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--cell", choices=["mon", "ibp"], default="mon", help="MonLinear or IBPMonLinear cell")
-    p.add_argument("--certificate", choices=["auto", "agreement", "audit"], default="auto")
+    p.add_argument("--certificates", choices=["agreement", "audit"], nargs="+", default=["agreement", "audit"],
+                   help="SRS corrections to run (each with every --steps)")
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--max-iter", type=int, default=100)
     p.add_argument("--margin", type=float, default=0.2, help="monotonicity margin m of the cell")
@@ -160,7 +162,7 @@ def main(argv=None):
     xs = [test.tensors[0][i].to(device) for i in idx]
     ys = [int(test.tensors[1][i]) for i in idx]
     print(f"# device={device} torch={torch.__version__} threads={torch.get_num_threads()} n={args.n} n0={args.n0} "
-          f"images={len(xs)} alpha={args.alpha} batch={args.batch_size} audit={args.audit_size} "
+          f"images={len(xs)} (test indices {idx[0]}..{idx[-1]}, evenly spaced) alpha={args.alpha} batch={args.batch_size} audit={args.audit_size} "
           f"cell={args.cell} hidden={args.hidden} m={args.margin} epochs={args.epochs} solver=anderson tol={args.tol} max_iter={args.max_iter}", flush=True)
 
     rows = []
@@ -173,24 +175,25 @@ def main(argv=None):
         else:
             train(model, load_mnist5k("train"), sigma, args.epochs, device, args.seed)
         methods = [("plain", Smooth(model, 10, sigma))]
-        methods += [(f"srs-{k}", SerializedSmooth(model, 10, sigma, steps=k, audit_size=args.audit_size,
-                                                      certificate=args.certificate))
-                    for k in args.steps]
+        methods += [(f"srs-{k}" + ("" if cert == "agreement" else "-aud"),
+                     SerializedSmooth(model, 10, sigma, steps=k, audit_size=args.audit_size, certificate=cert))
+                    for cert in args.certificates for k in args.steps]
         for r in run_methods(methods, model, xs, ys, args):
             r["sigma"] = sigma
             rows.append(r)
             print(f"  sigma={sigma} {r['name']}: {r['sec_per_image']:.3f} s/img (median {r['median_sec']:.3f})",
                   flush=True)
 
-    print(f"\n# {len(xs)} test images, n={args.n}; 'fast-unc' = SRS samples not certified after the truncated "
-          "solve (agreement) or audit disagreement rate (audit); 'uncert' = samples left uncertified after the rescue")
-    print("sigma  method  s/img   speedup  solver calls  iters  row-iters   row-it ratio  fast-unc  uncert  "
+    print(f"\n# {len(xs)} test images, n={args.n}; srs-k = agreement certificate, srs-k-aud = audit (K={args.audit_size}); "
+          "'fast-unc' = agreement: samples that needed more than k iterations, audit: disagreement rate on the "
+          "audited samples; 'uncert' = agreement samples whose label was not settled")
+    print("sigma  method      s/img   speedup  solver calls  iters  row-iters   row-it ratio  fast-unc  uncert  "
           + "  ".join(f"acc@{r:g}" for r in RADII))
     for r in rows:
         base = next(b for b in rows if b["sigma"] == r["sigma"] and b["name"] == "plain")
         dis = "-" if r["audit_disagree"] is None else f"{r['audit_disagree']:.4f}"
         unc = "-" if r["uncertified"] is None else f"{r['uncertified']:.4f}"
-        print(f"{r['sigma']:<5}  {r['name']:<6}  {r['sec_per_image']:.3f}  {base['sec_per_image'] / r['sec_per_image']:6.2f}x"
+        print(f"{r['sigma']:<5}  {r['name']:<10}  {r['sec_per_image']:.3f}  {base['sec_per_image'] / r['sec_per_image']:6.2f}x"
               f"  {r['calls']:12d}  {r['iters']:5d}  {r['row_iters']:9d}  {r['row_iters'] / base['row_iters']:12.3f}"
               f"  {dis:>8}  {unc:>6}  " + "  ".join(f"{a:7.2f}" for a in r["acc"]))
 
