@@ -283,22 +283,156 @@ def test_changed_batchnorm_statistics_invalidate_the_cached_box():
     assert_sound(model, x, 0.02, lb2, ub2, atol=ATOL, n_samples=100, pgd_steps=10)
 
 
-@pytest.mark.parametrize("convention", ["0.3", "upstream", "unknown"])
-def test_crown_bias_is_recovered_under_both_auto_lirpa_conventions(convention):
-    """0.3 records the pure bias b under every input of return_A; upstream records, per input, the
-    concrete bound minus that input's own term. Both give the same b; anything else raises."""
-    from lirpa_deq.bounds.generic.cell_bounder import _concretize, _pure_bias
+class OffsetCell(nn.Module):
+    """Constant offsets (``- 0.2``, ``z - 1``) are branches auto_LiRPA 0.3 leaves out of the return_A
+    bias it records (a reviewer's counter-example: the raw record made CROWN unsound)."""
 
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.L = nn.Linear(4, 4, bias=False)
+        with torch.no_grad():
+            self.L.weight.mul_(0.5 / torch.linalg.matrix_norm(self.L.weight, ord=2))
+
+    def forward(self, z, x):
+        if self.kind == "offset":
+            return x + torch.relu(z) * 0.5 - 0.2
+        return 0.3 * z + self.L(torch.relu(z - 1.0)) + x
+
+
+@pytest.mark.parametrize("kind", ["offset", "shifted"])
+def test_crown_with_constant_offsets_is_sound(kind):
     torch.manual_seed(0)
-    Az, Ax, b = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
-    zc, xc = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
-    z_box, x_box = (zc - 0.1, zc + 0.1), (xc - 0.2, xc + 0.2)
-    cz, cx = _concretize(Az, z_box, 1.0), _concretize(Ax, x_box, 1.0)
-    bound = b + cz + cx
-    records = {"0.3": (b, b), "upstream": (bound - cz, bound - cx), "unknown": (b + 1, b)}[convention]
-    if convention == "unknown":
-        with pytest.raises(RuntimeError, match="matches neither the 0.3 nor the upstream convention"):
-            _pure_bias(bound, Az, Ax, z_box, x_box, *records, 1.0)
-        return
-    got = _pure_bias(bound, Az, Ax, z_box, x_box, *records, 1.0)
-    assert bool((got <= b).all()) and torch.allclose(got, b, atol=1e-12)  # moved outward by rounding only
+    model = nn.Sequential(DEQ(OffsetCell(kind), **solver_kw()), nn.Linear(4, 2)).double()
+    x = 2 * torch.randn(3, 4, dtype=torch.float64)
+    lb, ub, _ = bounds(model, x, 0.3, "CROWN")
+    assert_sound(model, x, 0.3, lb, ub, atol=ATOL, n_samples=200, pgd_steps=20)
+
+
+class BroadcastCell(nn.Module):
+    """tanh(L((z (B, 1, n) op c (1, r, 1)).flatten(1)) + x): broadcasting copies each z entry r
+    times, multiplying the l2 gain by sqrt(r) (a reviewer's counter-example to a walk that ignored it)."""
+
+    def __init__(self, op, n=3, r=9):
+        super().__init__()
+        self.op, self.n = op, n
+        self.register_buffer("c", torch.full((1, r, 1), 0.5))
+        self.L = nn.Linear(n * r, n, bias=False)
+        with torch.no_grad():
+            self.L.weight.mul_(0.9 / torch.linalg.matrix_norm(self.L.weight, ord=2))
+
+    def forward(self, z, x):
+        zz = z.unsqueeze(1)
+        y = {"add": zz + self.c, "sub": zz - self.c, "mul": zz * self.c, "div": zz / self.c}[self.op]
+        return torch.tanh(self.L(y.flatten(1)) + x)
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
+def test_broadcast_copies_are_counted_in_the_lipschitz_bound(op):
+    torch.manual_seed(0)
+    cell = BroadcastCell(op).double()
+    z, x = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    computed = graph_lipschitz(CellBounder(cell, z, x), z, x)
+    assert computed >= sampled_lipschitz(cell, z, x, iters=50) * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_conv_norm_bound_is_sound_in_every_dimension(dims):
+    torch.manual_seed(3)
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](3, 3, 3, padding=1, bias=False).double()
+    size = (3,) + (5,) * dims
+    eye = torch.eye(math.prod(size), dtype=torch.float64).view(-1, *size)
+    exact = torch.linalg.matrix_norm(conv(eye).flatten(1), ord=2).item()
+    assert _conv_norm(conv.weight, 1) >= exact * (1 - 1e-9)
+
+
+def test_a_changed_python_attribute_rebuilds_the_nested_module():
+    """Tracing freezes `cell.skip` as a constant; changing it afterwards must not reuse the old
+    nested module or a cached box (a reviewer's counter-example)."""
+    torch.manual_seed(0)
+    cell = ResidualCell(6, 4, contraction=0.9, skip=0.5)
+    model = nn.Sequential(nn.Linear(5, 4), DEQ(cell, **solver_kw()), nn.Linear(6, 3)).double()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    bounded = BoundedModule(model, x)
+    ptb = PerturbationLpNorm(norm=math.inf, eps=0.05)
+    for method in ("IBP", "CROWN"):
+        bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method=method)
+    cell.skip = -0.5  # still a contraction (L = 0.9)
+    for method in ("IBP", "CROWN"):
+        lb, ub = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method=method)
+        assert_sound(model, x, 0.05, lb, ub, atol=ATOL, n_samples=100, pgd_steps=10)
+
+
+def test_cells_that_ignore_an_input_or_break_tracing_get_clear_errors():
+    class IgnoresX(nn.Module):
+        def forward(self, z, x):
+            return 0.5 * z
+
+    with pytest.raises(ValueError, match="must use both the state z and the input x"):
+        bounds(nn.Sequential(DEQ(IgnoresX())), torch.randn(2, 3), 0.01, "IBP")
+
+    class Conv1dCell(nn.Module):  # auto_LiRPA 0.3 cannot bound Conv1d
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(2, 2, 3, padding=1)
+
+        def forward(self, z, x):
+            return torch.relu(0.1 * self.conv(z) + x)
+
+    model, x = nn.Sequential(DEQ(Conv1dCell(), **solver_kw()), nn.Flatten()).double(), torch.randn(2, 2, 5).double()
+    try:  # auto_LiRPA 0.3 cannot trace Conv1d (upstream can: then the bound must be sound)
+        lb, ub, _ = bounds(model, x, 0.01, "IBP")
+    except RuntimeError as err:
+        assert "auto_LiRPA could not build a bounded module of Conv1dCell" in str(err)
+    else:
+        assert_sound(model, x, 0.01, lb, ub, atol=ATOL, n_samples=50, pgd_steps=5)
+
+
+def test_float64_deq_as_last_layer_without_specification():
+    """auto_LiRPA 0.3's default C is float32; both paths must accept it for float64 models."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    for cell in (TanhCell(4, 5), IBPMonLinear(5)):
+        model = nn.Sequential(DEQ(cell, **solver_kw())).double()
+        lb, ub, _ = bounds(model, x, 0.05, "CROWN")
+        assert_sound(model, x, 0.05, lb, ub, atol=ATOL, n_samples=100, pgd_steps=10)
+
+
+def test_a_state_of_the_wrong_shape_is_explained():
+    class Wide(nn.Module):  # a (B, 8) state from a (B, 3) input, without state_shape
+        def __init__(self):
+            super().__init__()
+            self.A, self.U = nn.Linear(8, 8), nn.Linear(3, 8)
+
+        def forward(self, z, x):
+            return torch.tanh(self.A(z) + self.U(x))
+
+    with pytest.raises(ValueError, match=r"failed on a state z of shape \(2, 3\).*state_shape\(x_shape\)"):
+        DEQ(Wide())(torch.randn(2, 3))
+
+
+def test_rounding_margin_covers_cancellation_in_float32():
+    """0.5 z + V x + b with large V and b = -V x0: the nested values are large, the result small;
+    the margin must follow the intermediate magnitudes (a reviewer's counter-example at eps = 0)."""
+    class Cancel(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            torch.manual_seed(1)
+            self.V = nn.Linear(4, 4)
+            with torch.no_grad():
+                self.V.weight.mul_(scale)
+
+        def forward(self, z, x):
+            return 0.5 * z + self.V(x)
+
+    for scale in (100.0, 1000.0):
+        cell = Cancel(scale)
+        x = torch.rand(2, 4)
+        with torch.no_grad():
+            cell.V.bias.copy_(-(x[0] @ cell.V.weight.t()))
+        model = nn.Sequential(DEQ(cell, solver="fixed_point_iter", tol=1e-7, max_iter=200))
+        lb, ub, _ = bounds(model, x, 0.0, "IBP")
+        exact = nn.Sequential(DEQ(Cancel(scale).double(), **solver_kw()))
+        exact[0].cell.load_state_dict({k: v.double() for k, v in cell.state_dict().items()})
+        z = exact(x.double())
+        assert bool((lb.double() <= z).all() and (z <= ub.double()).all())

@@ -146,6 +146,7 @@ def deq_bound_backward(node, last_lA, last_uA, *x, **kwargs):
             return None, 0
         if isinstance(last_A, Patches):
             last_A = _patches_to_dense(last_A, u_lo.shape)
+        last_A = last_A.to(u_lo.dtype)  # auto_LiRPA 0.3's default specification C is float32
         with torch.no_grad():
             A_u, bias, _, nu = adjoint_lower(sign * last_A, op, relax, (lo, hi), (u_lo.detach(), u_hi.detach()),
                                              max_iter=max_iter, tol=tol)

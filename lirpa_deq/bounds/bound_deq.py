@@ -97,6 +97,9 @@ class BoundDEQ(Bound):
         state = list(detached.values())
         deq = self.deq
         if deq.generic:  # buffers (BatchNorm statistics) and a declared contraction shape the box too
+            from .generic.bound import refresh_bounder
+            if refresh_bounder(self, u_lo, u_hi):  # the cell changed in a way no tensor shows
+                self._box_key = None
             declared = getattr(deq.cell, "lipschitz_z", None)
             declared = declared() if callable(declared) else declared
             state += [b.detach() for b in deq.cell.buffers()]

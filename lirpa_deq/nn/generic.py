@@ -27,6 +27,15 @@ def cell_map(cell, x, params=None):
     return lambda z: cell(z, x)
 
 
+def _first_step(f, z, cell):
+    """f(z0) with an error that names the likely cause when the cell cannot take z's shape."""
+    try:
+        return f(z)
+    except RuntimeError as err:
+        raise ValueError(f"{type(cell).__name__}(z, x) failed on a state z of shape {tuple(z.shape)}: {err}. "
+                         "The state has x's shape unless the cell defines state_shape(x_shape) -> z_shape.") from err
+
+
 def _check_output(z, fz, cell):
     if not isinstance(fz, torch.Tensor) or fz.shape != z.shape:
         got = tuple(fz.shape) if isinstance(fz, torch.Tensor) else type(fz).__name__
@@ -41,12 +50,12 @@ def generic_solve(deq, x, params, z0, max_iter, policy):
     cell = deq.cell
     f = cell_map(cell, x, params)
     if not deq.implicit:
-        _check_output(z0, f(z0), cell)
+        _check_output(z0, _first_step(f, z0, cell), cell)
         z, stats = deq._solver(f, z0, tol=deq.tol, max_iter=max_iter, **deq._fopts)
         deq._record(stats, policy, "forward")
         return f(z)
     with torch.no_grad():
-        _check_output(z0, f(z0), cell)
+        _check_output(z0, _first_step(f, z0, cell), cell)
         z, stats = deq._solver(f, z0.detach(), tol=deq.tol, max_iter=max_iter, **deq._fopts)
     deq._record(stats, policy, "forward")
     z = z.detach()

@@ -22,6 +22,28 @@ def bounder_for(node, z, x):
     return bounder
 
 
+def refresh_bounder(node, x_lo, x_hi):
+    """Make sure the node's nested module still computes what the live cell computes, and return
+    True when it had to be rebuilt (then every cached box is stale). Tracing freezes Python
+    attributes (``cell.skip = 0.3``) and control flow as constants, which no tensor snapshot sees,
+    so the two are compared on a fixed pseudo-random state and the middle of the x box."""
+    deq = node.deq
+    shape = deq.state_shape(x_lo.shape)
+    gen = torch.Generator(device=x_lo.device).manual_seed(0)
+    z = torch.randn(shape, generator=gen, dtype=x_lo.dtype, device=x_lo.device)
+    x = ((x_lo + x_hi) / 2).detach()
+    bounder = getattr(node, "_generic_bounder", None)
+    if bounder is not None and bounder.cell is deq.cell and bounder.matches(z, x) and bounder.reproduces(z, x):
+        return False
+    bounder = CellBounder(deq.cell, z, x)
+    if not bounder.reproduces(z, x):
+        raise RuntimeError(f"auto_LiRPA's trace of {type(deq.cell).__name__} does not reproduce the cell's output "
+                           "(data-dependent control flow or randomness in forward?); the generic bounds need a "
+                           "cell whose forward is the same computation for every input")
+    node._generic_bounder = bounder
+    return True
+
+
 def generic_box(node, x_lo, x_hi, z_mid):
     """(lo, hi, info): the proved box of z* for x in [x_lo, x_hi] (no gradients)."""
     deq = node.deq
@@ -69,7 +91,7 @@ def generic_bound_backward(node, last_lA, last_uA, x_node, params, dense):
         if last_A is None:
             out.append((None, 0))
             continue
-        g = sign * dense(last_A, (batch, *z_shape))
+        g = sign * dense(last_A, (batch, *z_shape)).to(lo.dtype)  # 0.3's default C is float32
         spec = g.shape[0]
         g = g.reshape(spec, batch, -1)
         A_x, bias, _, nu = generic_adjoint_lower(g.detach(), lin, box, x_box,

@@ -117,15 +117,31 @@ class CellBounder:
         traced = _without_parametrizations(cell) if self.parametrized else cell
         wrapper = _CellOfZX(traced)
         wrapper.training = cell.training  # the wrapper's own flag only; auto_LiRPA traces in its mode
-        self.module = BoundedModule(wrapper, (z_example.detach(), x_example.detach()),
-                                    bound_opts={"conv_mode": "matrix"}, device=z_example.device)
+        try:
+            self.module = BoundedModule(wrapper, (z_example.detach(), x_example.detach()),
+                                        bound_opts={"conv_mode": "matrix"}, device=z_example.device)
+        except Exception as err:  # auto_LiRPA's own errors say little about the cell
+            raise RuntimeError(f"auto_LiRPA could not build a bounded module of {type(cell).__name__}(z, x): "
+                               f"{type(err).__name__}: {err}. Generic cells must be built from operations "
+                               "auto_LiRPA supports (linear, conv2d, batchnorm in eval, relu/tanh/sigmoid, "
+                               "add/mul, reshape...)") from err
         roots = [name for name, node in self.module._modules.items()
                  if isinstance(node, BoundInput) and not isinstance(node, (BoundParams, BoundBuffers))]
         if len(roots) != 2:
-            raise RuntimeError(f"nested auto_LiRPA module of the cell has inputs {roots}, expected (z, x)")
+            raise ValueError(f"{type(cell).__name__}(z, x) must use both the state z and the input x: its traced "
+                             f"graph has {len(roots)} input(s). A cell that ignores x has a constant fixed point "
+                             "(nothing to certify); one that ignores z is an explicit layer, not a DEQ.")
         self.z_name, self.x_name = roots
         self.out_name = self.module.final_name
         self.num_ops, self.fan_in = _rounding_profile(self.module, z_example, x_example)
+
+    def reproduces(self, z, x):
+        """Does the nested module compute what the live cell computes at (z, x)?"""
+        with torch.no_grad():
+            traced = self.module(z, x).reshape(z.shape[0], -1)
+            live = self.cell(z, x).reshape(z.shape[0], -1)
+        tol = torch.finfo(z.dtype).eps ** 0.5 * (1 + live.abs())
+        return bool(((traced - live).abs() <= tol).all())
 
     def matches(self, z, x):
         """Usable for these inputs: same shapes/dtype/device and unchanged buffers."""
@@ -147,6 +163,7 @@ class CellBounder:
         """(lo, hi) of cell(z, x) over the boxes, each (B, *z_shape)."""
         with _default_dtype(z_box[0].dtype):
             lb, ub = self.module.compute_bounds(x=self._inputs(z_box, x_box), method="IBP")
+        self.last_magnitude = _graph_magnitude(self.module, lb.shape[0])
         return lb.reshape(z_box[0].shape), ub.reshape(z_box[0].shape)
 
     def linear(self, z_box, x_box):
@@ -167,20 +184,60 @@ class CellBounder:
                    lo=lb.reshape(z_box[0].shape), hi=ub.reshape(z_box[0].shape))
         zf = tuple(t.reshape(batch, n) for t in z_box)
         xf = tuple(t.reshape(batch, m) for t in x_box)
-        lin["bl"] = _pure_bias(lb.reshape(batch, n), lin["Lz"], lin["Lx"], zf, xf, Az["lbias"], Ax["lbias"], 1.0)
-        lin["bu"] = _pure_bias(ub.reshape(batch, n), lin["Uz"], lin["Ux"], zf, xf, Az["ubias"], Ax["ubias"], -1.0)
+        lin["bl"] = _pure_bias(lb.reshape(batch, n), lin["Lz"], lin["Lx"], zf, xf, 1.0)
+        lin["bu"] = _pure_bias(ub.reshape(batch, n), lin["Uz"], lin["Ux"], zf, xf, -1.0)
+        self._spot_check(lin, zf, xf, z_box[0].shape, x_box[0].shape)
         return lin
 
+    def _spot_check(self, lin, zf, xf, z_shape, x_shape):
+        """The linear bounds must hold at the boxes' centres and at one corner: a cheap guard against
+        an auto_LiRPA whose bound conventions differ from the ones assumed here."""
+        points = [((zf[0] + zf[1]) / 2, (xf[0] + xf[1]) / 2), (zf[1], xf[0])]
+        for z, x in points:
+            with torch.no_grad():
+                value = self.cell(z.reshape(z_shape), x.reshape(x_shape)).reshape(z.shape)
+            low = torch.einsum("bij,bj->bi", lin["Lz"], z) + torch.einsum("bij,bj->bi", lin["Lx"], x) + lin["bl"]
+            up = torch.einsum("bij,bj->bi", lin["Uz"], z) + torch.einsum("bij,bj->bi", lin["Ux"], x) + lin["bu"]
+            tol = torch.finfo(z.dtype).eps ** 0.5 * (1 + value.abs())
+            if bool((low > value + tol).any() or (up < value - tol).any()):
+                raise RuntimeError("the installed auto_LiRPA's linear bounds of the cell (return_A) do not hold at a "
+                                   "test point: its conventions differ from the ones lirpa_deq assumes, so no "
+                                   "generic-cell CROWN bound is returned (IBP still works)")
+
     def rounding_slack(self, *tensors):
-        """Per-sample margin (B, 1, ..) for the floating-point rounding of the nested bounds
-        (auto_LiRPA computes in plain float arithmetic): Higham's bound (fan-in + 8) * eps *
-        magnitude per operation, summed over the graph's operations, with the largest fan-in of
-        its linear / conv layers and the largest magnitude among ``tensors``."""
+        """Per-sample margin (B, 1, ..) for the floating-point rounding of the last nested IBP pass
+        (auto_LiRPA computes in plain float arithmetic): Higham's (fan-in + 8) * eps * sum|terms| per
+        operation, summed over the graph's operations, with the largest fan-in of its linear / conv
+        layers and sum|terms| <= (largest absolute row sum of a weight) * (largest |bound| of any
+        node, the inputs' boxes included). A generous margin, not a machine-checked rounding proof."""
         ref = tensors[0]
         eps = torch.finfo(ref.dtype).eps
         mag = torch.stack([t.detach().abs().flatten(1).max(1).values for t in tensors]).max(0).values
+        last = getattr(self, "last_magnitude", None)
+        if last is not None and last[0].shape == mag.shape:
+            nodes, gain = last
+            mag = torch.maximum(mag, nodes) * max(1.0, gain)
         per_sample = self.num_ops * (self.fan_in + 8) * eps * (1 + mag)
         return per_sample.view((-1,) + (1,) * (ref.dim() - 1)) + torch.finfo(ref.dtype).tiny
+
+
+def _graph_magnitude(module, batch):
+    """(per-sample largest |lower|, |upper| over the nodes with bounds (B,), largest absolute row
+    sum of a linear / conv weight) after an IBP pass."""
+    mags, gain = [], 0.0
+    for node in module._modules.values():
+        lo, up = getattr(node, "lower", None), getattr(node, "upper", None)
+        if isinstance(lo, torch.Tensor) and isinstance(up, torch.Tensor) and lo.dim() >= 1 and lo.shape[0] == batch:
+            mags.append(torch.maximum(lo.detach().abs(), up.detach().abs()).reshape(batch, -1).max(1).values)
+        if type(node).__name__ in ("BoundLinear", "BoundMatMul", "BoundConv") and len(node.inputs) > 1:
+            w = getattr(node.inputs[1], "forward_value", None)
+            if isinstance(w, torch.Tensor) and w.dim() >= 2:
+                w = w.detach().abs()
+                rows = w.sum(dim=tuple(range(1, w.dim()))).max()
+                cols = w.sum(dim=0).max() if w.dim() == 2 else rows  # MatMul weights are (in, out)
+                gain = max(gain, float(rows), float(cols))
+    nodes = torch.stack(mags).max(0).values if mags else None
+    return (nodes, gain) if nodes is not None else None
 
 
 def _concretize(A, box, sign):
@@ -189,23 +246,17 @@ def _concretize(A, box, sign):
     return torch.einsum("bij,bj->bi", A, c) - sign * torch.einsum("bij,bj->bi", A.abs(), r)
 
 
-def _pure_bias(bound, Az, Ax, z_box, x_box, bias_z, bias_x, sign):
+def _pure_bias(bound, Az, Ax, z_box, x_box, sign):
     """The constant term b of CROWN's linear bound ``Az z + Ax x + b`` (B, n).
 
-    auto_LiRPA's ``return_A`` bias differs between versions: 0.3 records the pure bias under every
-    input, upstream (>= 0.6) records, per input, the concrete bound minus that input's own
-    concretized term. Both satisfy ``bound = b + conc_z + conc_x``, so b is recovered from the
-    concrete bound, and checked against the version's record (a semantics we do not know raises).
-    The recovered b is moved outward by its rounding error (Higham), keeping the bound sound."""
+    auto_LiRPA's ``return_A`` bias is not usable as is: 0.3 records a partial sum under each input
+    (constant branches reached later are missing), upstream (>= 0.6) records, per input, the
+    concrete bound minus that input's own term. In both, the concrete CROWN bound is
+    ``b + conc_z + conc_x`` (the final bound is not intersected with IBP), so b is recovered from it
+    and moved outward by the rounding error of that subtraction (Higham), keeping the bound sound.
+    ``CellBounder.linear`` then spot-checks the assembled linear bounds against the cell."""
     conc_z, conc_x = _concretize(Az, z_box, sign), _concretize(Ax, x_box, sign)
     bias = bound - conc_z - conc_x
-    bz, bx = bias_z.reshape(bias.shape), bias_x.reshape(bias.shape)
-    rel = max(1e-6, 10 * (Az.shape[-1] + Ax.shape[-1]) * torch.finfo(bias.dtype).eps)
-    scale = rel * (1 + bound.abs() + conc_z.abs() + conc_x.abs())  # a semantics check, not the margin
-    if not (bool(((bz - bias).abs() <= scale).all() and ((bx - bias).abs() <= scale).all())
-            or bool(((bz + bx - bound - bias).abs() <= scale).all())):
-        raise RuntimeError("the installed auto_LiRPA's return_A bias matches neither the 0.3 nor the "
-                           "upstream convention; the generic-cell CROWN bound cannot be assembled soundly")
     eps = torch.finfo(bias.dtype).eps
     terms = (bound.abs() + torch.einsum("bij,bj->bi", Az.abs(), torch.maximum(z_box[0].abs(), z_box[1].abs()))
              + torch.einsum("bij,bj->bi", Ax.abs(), torch.maximum(x_box[0].abs(), x_box[1].abs())))

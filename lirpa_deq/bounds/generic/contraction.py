@@ -52,19 +52,21 @@ def _spectral(matrix):
 
 
 def _conv_norm(weight, groups):
-    """Upper bound of the l2 operator norm of a convolution with kernel (Cout, Cin/g, kh, kw), any
-    stride / padding / dilation: zero padding only removes terms, an input entry meets each kernel
-    position at most once, and for a fixed kernel position (i, j) the output -> input map is
-    injective (so that term is the channel mix K_ij composed with a norm-<=1 selection)."""
+    """Upper bound of the l2 operator norm of a convolution with kernel (Cout, Cin/g, *kernel) (1-D,
+    2-D or 3-D), any stride / padding / dilation: zero padding only removes terms, an input entry
+    meets each kernel position at most once, and for a fixed kernel position the output -> input map
+    is injective (so that term is the channel mix K_p composed with a norm-<=1 selection)."""
     K = weight.detach().double()
     absK = K.abs()
-    row = float(absK.sum(dim=(1, 2, 3)).max())  # an output uses each (cin, i, j) at most once
-    col = float(absK.sum(dim=(0, 2, 3)).max())  # over all Cout: >= the per-group column sum
+    spatial = tuple(range(2, K.dim()))
+    row = float(absK.sum(dim=(1, *spatial)).max())  # an output uses each (cin, position) at most once
+    col = float(absK.sum(dim=(0, *spatial)).max())  # over all Cout: >= the per-group column sum
     bound = math.sqrt(row * col)
     if groups == 1:
-        kh, kw = K.shape[2], K.shape[3]
-        bound = min(bound, _spectral(K.reshape(K.shape[0], -1)) * math.sqrt(kh * kw),
-                    sum(_spectral(K[:, :, i, j]) for i in range(kh) for j in range(kw)))
+        positions = math.prod(K.shape[2:])
+        per_position = K.reshape(K.shape[0], K.shape[1], positions)
+        bound = min(bound, _spectral(K.reshape(K.shape[0], -1)) * math.sqrt(positions),
+                    sum(_spectral(per_position[:, :, p]) for p in range(positions)))
     return bound
 
 
@@ -105,6 +107,12 @@ def graph_lipschitz(bounder, z, x):
         if name not in x_memo:
             x_memo[name] = any(on_x(i.name) for i in nodes[name].inputs)
         return x_memo[name]
+
+    def copies(node, k):
+        """sqrt of how many times broadcasting repeats each entry of input k in the output: a value
+        repeated r times has r times the squared l2 norm."""
+        out_n, in_n = node.forward_value[0].numel(), node.inputs[k].forward_value[0].numel()
+        return math.sqrt(out_n / in_n) if out_n > in_n else 1.0
 
     def factor(node, k):
         """The value of input k of node, a multiplicative factor that must not vary with x."""
@@ -153,13 +161,14 @@ def graph_lipschitz(bounder, z, x):
             w, var = factor(node, 1), factor(node, 4)
             out = float((w / torch.sqrt(var + float(node.eps))).abs().max()) * only_first()
         elif kind in ("BoundAdd", "BoundSub"):
-            out = sum(ins)
+            out = sum(ins[k] * copies(node, k) for k in dep)
         elif kind == "BoundMul":
             if len(dep) != 1:
                 raise ContractionError(f"Mul node {name}: both factors depend on z (a bilinear term)")
-            out = float(factor(node, 1 - dep[0]).abs().max()) * ins[dep[0]]
+            k = dep[0]
+            out = float(factor(node, 1 - k).abs().max()) * ins[k] * copies(node, k)
         elif kind == "BoundDiv":
-            out = only_first() / float(factor(node, 1).abs().min())
+            out = only_first() * copies(node, 0) / float(factor(node, 1).abs().min())
         elif kind == "BoundConcat":
             out = math.sqrt(sum(v * v for v in ins))
         else:
