@@ -436,3 +436,84 @@ def test_rounding_margin_covers_cancellation_in_float32():
         exact[0].cell.load_state_dict({k: v.double() for k, v in cell.state_dict().items()})
         z = exact(x.double())
         assert bool((lb.double() <= z).all() and (z <= ub.double()).all())
+
+
+# ------------------------------------------------- second review: what a trace freezes, broadcasting
+class ScaledCell(nn.Module):
+    """0.5 * tanh(A z + U x) * scale + 0.3 z with `scale` a plain tensor attribute and `t` a Python
+    threshold that only matters for large states."""
+
+    def __init__(self):
+        super().__init__()
+        self.A, self.U = nn.Linear(3, 3, bias=False), nn.Linear(3, 3)
+        with torch.no_grad():
+            self.A.weight.mul_(0.9 / torch.linalg.matrix_norm(self.A.weight, ord=2))
+        self.scale = torch.ones(3, dtype=torch.float64)
+        self.t = 5.0
+
+    def forward(self, z, x):
+        return 0.5 * torch.tanh(self.A(z) + self.U(x)) * self.scale + 0.1 * torch.relu(z - self.t) + 0.3 * z
+
+
+@pytest.mark.parametrize("change", ["tensor attribute in place", "threshold for large states"])
+def test_changes_no_parameter_shows_rebuild_the_nested_module_and_the_box(change):
+    torch.manual_seed(0)
+    cell = ScaledCell().double()
+    model = nn.Sequential(DEQ(cell, **solver_kw()), nn.Linear(3, 2)).double()
+    x = 8 * torch.rand(2, 3, dtype=torch.float64) + 4  # large states: z > t somewhere
+    bounded = BoundedModule(model, x)
+    ptb = PerturbationLpNorm(norm=math.inf, eps=0.05)
+    for method in ("IBP", "CROWN"):
+        bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method=method)
+    if change == "tensor attribute in place":
+        cell.scale.mul_(0.8)  # shares storage with the traced constant: no rebuild would notice
+    else:
+        cell.t = 1.0
+    for method in ("IBP", "CROWN"):
+        lb, ub = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method=method)
+        assert_sound(model, x, 0.05, lb, ub, atol=ATOL, n_samples=100, pgd_steps=10)
+
+
+def test_data_dependent_control_flow_is_refused_when_seen():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.U = nn.Linear(2, 2)
+
+        def forward(self, z, x):
+            skip = 0.8 if float(x.sum()) > 0 else 0.2
+            return skip * torch.tanh(z) + self.U(x)
+
+    x = torch.tensor([[0.01, 0.0]], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="does not reproduce the cell's output"):
+        bounds(nn.Sequential(DEQ(Branch().double(), **solver_kw())), x, 0.1, "IBP")
+
+
+def test_broadcast_along_a_new_leading_dimension_is_counted():
+    class LeadBroadcast(nn.Module):  # z (B, n) + c (r, 1, 1) -> (r, B, n): r copies of every entry
+        def __init__(self, r=9):
+            super().__init__()
+            self.register_buffer("c", torch.zeros(r, 1, 1))
+            self.L = nn.Linear(3 * r, 3, bias=False)
+            with torch.no_grad():
+                self.L.weight.mul_(0.9 / torch.linalg.matrix_norm(self.L.weight, ord=2))
+
+        def forward(self, z, x):
+            y = (z.unsqueeze(0) + self.c).transpose(0, 1).reshape(z.shape[0], -1)
+            return torch.tanh(self.L(y) + x)
+
+    torch.manual_seed(0)
+    cell = LeadBroadcast().double()
+    z, x = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    assert graph_lipschitz(CellBounder(cell, z, x), z, x) >= sampled_lipschitz(cell, z, x, iters=50) * (1 - 1e-6)
+
+
+def test_a_cell_without_parameters_gets_crown_bounds():
+    class Plain(nn.Module):
+        def forward(self, z, x):
+            return 0.5 * torch.tanh(z) + x
+
+    model = nn.Sequential(DEQ(Plain(), **solver_kw()), nn.Linear(3, 2)).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    lb, ub, _ = bounds(model, x, 0.1, "CROWN")
+    assert_sound(model, x, 0.1, lb, ub, atol=ATOL, n_samples=100, pgd_steps=10)

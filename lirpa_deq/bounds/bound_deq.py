@@ -98,8 +98,11 @@ class BoundDEQ(Bound):
         deq = self.deq
         if deq.generic:  # buffers (BatchNorm statistics) and a declared contraction shape the box too
             from .generic.bound import refresh_bounder
-            if refresh_bounder(self, u_lo, u_hi):  # the cell changed in a way no tensor shows
+            from .generic.fingerprint import fingerprint, same_fingerprint
+            current = fingerprint(deq.cell)  # Python / tensor attributes and buffers shape the box too
+            if refresh_bounder(self, u_lo, u_hi) or not same_fingerprint(current, getattr(self, "_cell_fp", None)):
                 self._box_key = None
+            self._cell_fp = current
             declared = getattr(deq.cell, "lipschitz_z", None)
             declared = declared() if callable(declared) else declared
             state += [b.detach() for b in deq.cell.buffers()]

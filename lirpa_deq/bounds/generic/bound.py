@@ -24,22 +24,33 @@ def bounder_for(node, z, x):
 
 def refresh_bounder(node, x_lo, x_hi):
     """Make sure the node's nested module still computes what the live cell computes, and return
-    True when it had to be rebuilt (then every cached box is stale). Tracing freezes Python
-    attributes (``cell.skip = 0.3``) and control flow as constants, which no tensor snapshot sees,
-    so the two are compared on a fixed pseudo-random state and the middle of the x box."""
+    True when it had to be rebuilt (then every cached box is stale). Tracing freezes Python and
+    tensor attributes (``cell.skip = 0.3``) as constants: the bounder's fingerprint of them must
+    match. The traced and live cells are also compared at a few states (the forward value, random
+    states of two scales) and x at the corners and middle of its box, which catches some -- not all
+    -- data-dependent control flow (auto_LiRPA's tracing has the same limit)."""
     deq = node.deq
     shape = deq.state_shape(x_lo.shape)
     gen = torch.Generator(device=x_lo.device).manual_seed(0)
-    z = torch.randn(shape, generator=gen, dtype=x_lo.dtype, device=x_lo.device)
-    x = ((x_lo + x_hi) / 2).detach()
+    states = [torch.randn(shape, generator=gen, dtype=x_lo.dtype, device=x_lo.device) * s for s in (1.0, 10.0)]
+    fv = getattr(node, "forward_value", None)
+    if isinstance(fv, torch.Tensor) and tuple(fv.shape) == tuple(shape) and fv.dtype == x_lo.dtype:
+        states.append(fv.detach())
+    inputs = [((x_lo + x_hi) / 2).detach(), x_lo.detach(), x_hi.detach()]
+    points = [(z, x) for z in states for x in inputs]
     bounder = getattr(node, "_generic_bounder", None)
-    if bounder is not None and bounder.cell is deq.cell and bounder.matches(z, x) and bounder.reproduces(z, x):
+    if bounder is not None and bounder.cell is deq.cell and bounder.matches(points[0][0], points[0][1]) \
+            and all(bounder.reproduces(z, x) for z, x in points):
         return False
-    bounder = CellBounder(deq.cell, z, x)
-    if not bounder.reproduces(z, x):
-        raise RuntimeError(f"auto_LiRPA's trace of {type(deq.cell).__name__} does not reproduce the cell's output "
-                           "(data-dependent control flow or randomness in forward?); the generic bounds need a "
-                           "cell whose forward is the same computation for every input")
+    bounder = CellBounder(deq.cell, *points[0])
+    if not all(bounder.reproduces(z, x) for z, x in points):
+        # a fresh trace that disagrees with the cell at once: beyond rounding, the forward is not one
+        # fixed computation (data-dependent control flow, randomness)
+        loose = torch.finfo(x_lo.dtype).eps ** 0.5
+        if not all(bounder.reproduces(z, x, tol=loose) for z, x in points):
+            raise RuntimeError(f"auto_LiRPA's trace of {type(deq.cell).__name__} does not reproduce the cell's output "
+                               "(data-dependent control flow or randomness in forward?); the generic bounds need a "
+                               "cell whose forward is the same computation for every input")
     node._generic_bounder = bounder
     return True
 

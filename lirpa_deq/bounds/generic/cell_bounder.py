@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .fingerprint import fingerprint, same_fingerprint
+
 
 @contextlib.contextmanager
 def _default_dtype(dtype):
@@ -37,13 +39,18 @@ def _default_dtype(dtype):
 
 
 class _CellOfZX(nn.Module):
-    def __init__(self, cell):
+    def __init__(self, cell, dtype):
         super().__init__()
         self.cell = cell
+        # auto_LiRPA 0.3 takes its specification dtype from the module's first parameter (and fails
+        # without one): a parameter-free cell gets an exact zero term carrying the dtype
+        self.anchor = nn.Parameter(torch.zeros((), dtype=dtype)) if not any(True for _ in cell.parameters()) \
+            else None
 
     def forward(self, z, x):
         # flattened: auto_LiRPA 0.3's CROWN needs a (B, n) output for its identity specification
-        return self.cell(z, x).flatten(1)
+        out = self.cell(z, x).flatten(1)
+        return out if self.anchor is None else out + self.anchor
 
 
 def _parametrized(cell):
@@ -71,15 +78,6 @@ def _without_parametrizations(cell):
             for name, value in values.items():
                 m.register_parameter(name, nn.Parameter(value, requires_grad=False))
     return clone
-
-
-def _snapshot(cell):
-    """Tensors whose change invalidates the nested module: buffers (auto_LiRPA copies them) and,
-    for parametrized cells (traced with their weights as constants), every parameter."""
-    tensors = list(cell.buffers())
-    if _parametrized(cell):
-        tensors += list(cell.parameters())
-    return tuple(t.detach() for t in tensors)
 
 
 def check_eval_mode(cell):
@@ -112,10 +110,10 @@ class CellBounder:
         check_eval_mode(cell)
         self.cell = cell
         self.key = (tuple(z_example.shape), tuple(x_example.shape), z_example.dtype, z_example.device)
-        self.buffers = tuple(b.clone() for b in _snapshot(cell))
         self.parametrized = _parametrized(cell)
+        self.fingerprint = fingerprint(cell, with_parameters=self.parametrized)
         traced = _without_parametrizations(cell) if self.parametrized else cell
-        wrapper = _CellOfZX(traced)
+        wrapper = _CellOfZX(traced, z_example.dtype)
         wrapper.training = cell.training  # the wrapper's own flag only; auto_LiRPA traces in its mode
         try:
             self.module = BoundedModule(wrapper, (z_example.detach(), x_example.detach()),
@@ -135,21 +133,22 @@ class CellBounder:
         self.out_name = self.module.final_name
         self.num_ops, self.fan_in = _rounding_profile(self.module, z_example, x_example)
 
-    def reproduces(self, z, x):
-        """Does the nested module compute what the live cell computes at (z, x)?"""
+    def reproduces(self, z, x, tol=None):
+        """Does the nested module compute what the live cell computes at (z, x)? ``tol``: relative
+        tolerance (default: a few rounding errors of the traced graph's operations)."""
         with torch.no_grad():
             traced = self.module(z, x).reshape(z.shape[0], -1)
             live = self.cell(z, x).reshape(z.shape[0], -1)
-        tol = torch.finfo(z.dtype).eps ** 0.5 * (1 + live.abs())
-        return bool(((traced - live).abs() <= tol).all())
+        if tol is None:
+            tol = 4 * self.num_ops * (self.fan_in + 8) * torch.finfo(z.dtype).eps
+        return bool(((traced - live).abs() <= tol * (1 + live.abs())).all())
 
     def matches(self, z, x):
-        """Usable for these inputs: same shapes/dtype/device and unchanged buffers."""
+        """Usable for these inputs: same shapes/dtype/device and an unchanged fingerprint (buffers,
+        Python and tensor attributes; parameters too for parametrized cells)."""
         if (tuple(z.shape), tuple(x.shape), z.dtype, z.device) != self.key:
             return False
-        now = _snapshot(self.cell)
-        return len(now) == len(self.buffers) and all(
-            a.shape == b.shape and torch.equal(a, b) for a, b in zip(now, self.buffers))
+        return same_fingerprint(self.fingerprint, fingerprint(self.cell, with_parameters=self.parametrized))
 
     def _inputs(self, z_box, x_box):
         from auto_LiRPA import BoundedTensor, PerturbationLpNorm
@@ -200,9 +199,10 @@ class CellBounder:
             up = torch.einsum("bij,bj->bi", lin["Uz"], z) + torch.einsum("bij,bj->bi", lin["Ux"], x) + lin["bu"]
             tol = torch.finfo(z.dtype).eps ** 0.5 * (1 + value.abs())
             if bool((low > value + tol).any() or (up < value - tol).any()):
-                raise RuntimeError("the installed auto_LiRPA's linear bounds of the cell (return_A) do not hold at a "
-                                   "test point: its conventions differ from the ones lirpa_deq assumes, so no "
-                                   "generic-cell CROWN bound is returned (IBP still works)")
+                raise RuntimeError("the nested linear bounds of the cell (auto_LiRPA return_A) do not hold at a test "
+                                   "point: either the traced cell no longer computes what the cell computes "
+                                   "(data-dependent control flow in forward?) or the installed auto_LiRPA's "
+                                   "conventions differ from the ones lirpa_deq assumes; no bound is returned")
 
     def rounding_slack(self, *tensors):
         """Per-sample margin (B, 1, ..) for the floating-point rounding of the last nested IBP pass

@@ -111,7 +111,8 @@ def graph_lipschitz(bounder, z, x):
     def copies(node, k):
         """sqrt of how many times broadcasting repeats each entry of input k in the output: a value
         repeated r times has r times the squared l2 norm."""
-        out_n, in_n = node.forward_value[0].numel(), node.inputs[k].forward_value[0].numel()
+        # whole tensors: broadcasting may add leading dimensions, so dim 0 need not be the batch
+        out_n, in_n = node.forward_value.numel(), node.inputs[k].forward_value.numel()
         return math.sqrt(out_n / in_n) if out_n > in_n else 1.0
 
     def factor(node, k):
