@@ -82,8 +82,9 @@ def probe_avgpool4():
 
 def probe_tanh_float64():
     import lirpa_deq  # noqa: F401
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    _bounds(model, torch.rand(2, 4, dtype=torch.float64), "CROWN")
+    torch.manual_seed(0)  # wide enough to have tanh neurons on both sides of 0 (the table path)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    _bounds(model, torch.rand(8, 4, dtype=torch.float64), "CROWN")
 
 
 # which probe proves each shim necessary
