@@ -131,3 +131,67 @@ def test_agreement_srs_valid(adversarial, monkeypatch):
     assert_rate_at_most(failures, reps, ALPHA)
     if adversarial:
         assert naive > reps // 2  # the adversary is real: uncorrected fast counts overclaim
+
+
+# ----------------------------------------------------------- review regressions (rounding, fallbacks)
+def test_many_classes_with_nearly_equal_head_rows_are_not_certified_wrongly():
+    """With > 25 classes torch.cdist's default computes distances by |a|^2 + |b|^2 - 2ab, which
+    cancels to ~0 for long, nearly equal rows; the certificate must use exact differences."""
+    K, L = 30, 1e8
+    cell = MonLinear(2, m=0.5)
+    with torch.no_grad():
+        cell.A.zero_()
+        cell.B.zero_()  # W = 0.5 I: z* = 2 relu(u)
+    deq = DEQ(cell, tol=1e-6, max_iter=100)
+    head = torch.nn.Linear(2, K)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[:, 0] = L
+        head.weight[1, 1] = 1e-2  # a_1 - a_0 = (0, 1e-2)
+        head.bias.fill_(-1.0)
+        head.bias[0], head.bias[1] = 1e-3, 0.0
+    cert = AgreementCertifier(deq, torch.nn.Sequential(head), (2,), torch.device("cpu"))
+    assert cert.D[0, 1].item() >= 1e-2 * (1 - 1e-6)
+    labels, ok = cert.check(torch.zeros(1, 2), torch.tensor([[0.0, 1000.0]]))
+    exact = (torch.tensor([[0.0, 2000.0]], dtype=torch.float64) @ head.weight.double().T + head.bias.double()).argmax(1)
+    assert not (bool(ok[0]) and int(labels[0]) != int(exact[0]))
+
+
+def test_cancellation_inside_a_multi_layer_head_is_covered():
+    """Linear(bias 2^60, 1, -2^60) then a sum: float64 loses the 1 that decides the class."""
+    torch.manual_seed(0)
+    deq = DEQ(MonLinear(4, m=0.5), tol=1e-6, max_iter=200)
+    l1, l2 = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        l1.weight.zero_()
+        l1.bias.copy_(torch.tensor([2.0 ** 60, 1.0, -2.0 ** 60]))
+        l2.weight.copy_(torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+        l2.bias.copy_(torch.tensor([0.0, 0.5]))  # exact logits: l0 - l1 = +0.5 everywhere: f* = 0
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), deq, l1, l2).eval()
+    srs = SerializedSmooth(model, 2, sigma=0.25, steps=1, certificate="agreement")
+    res = srs.certify_detailed(torch.tensor([0.3, -0.2]), 100, 500, 0.01, 100, seed=0)
+    assert res.prediction in (0, ABSTAIN)
+
+
+def test_auto_falls_back_to_the_audit_with_a_warning_where_the_lemma_does_not_apply():
+    from lirpa_deq.nn import TanhCell
+
+    generic = torch.nn.Sequential(DEQ(TanhCell(4, 3)), torch.nn.Linear(4, 3)).eval()
+    no_stats = torch.nn.Sequential(torch.nn.Linear(3, 4), DEQ(MonLinear(4)),
+                                   torch.nn.BatchNorm1d(4, track_running_stats=False), torch.nn.Linear(4, 3)).eval()
+    for model in (generic, no_stats):
+        assert split_deq_model(model) is None
+        with pytest.warns(UserWarning, match="uses the audited correction"):
+            srs = SerializedSmooth(model, 3, sigma=0.25)
+        assert srs.certificate == "audit"
+
+
+def test_agreement_path_checks_the_model_output_shape():
+    from lirpa_deq.nn import MonConv2d
+
+    # AvgPool2d without Flatten: logits of shape (B, 2, 1, 1), which plain smoothing rejects too
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), DEQ(MonConv2d(2)), torch.nn.AvgPool2d(4)).eval()
+    srs = SerializedSmooth(model, 2, sigma=0.25)
+    assert srs.certificate == "agreement"
+    with pytest.raises(ValueError, match="logits of shape"):
+        srs.certify(torch.rand(1, 4, 4), 10, 20, 0.1, 10, seed=0)

@@ -44,11 +44,17 @@ def split_deq_model(model):
     idx = [i for i, m in enumerate(mods) if isinstance(m, DEQ)]
     if len(idx) != 1 or any(isinstance(m, DEQ) for m in mods[idx[0]].modules() if m is not mods[idx[0]]):
         return None
+    from lirpa_deq.nn import ReLUAffineCell
+
+    if not isinstance(mods[idx[0]].cell, ReLUAffineCell):
+        return None  # the lemma needs relu(W z + u) with I - W0 >= m I (generic cells: use the audit)
     post = mods[idx[0] + 1:]
     if not post or not all(isinstance(m, AFFINE) for m in post):
         return None
     if any(m.training and isinstance(m, (nn.Dropout, nn.BatchNorm1d, nn.BatchNorm2d)) for m in post):
         return None
+    if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is None for m in post):
+        return None  # batch statistics even in eval mode: not a per-sample affine map
     if any(isinstance(m, nn.AvgPool2d) and (m.ceil_mode or not m.count_include_pad) for m in post):
         return None
     return nn.Sequential(*mods[:idx[0]]), mods[idx[0]], nn.Sequential(*post)
@@ -63,6 +69,45 @@ def _flat_similarity(op, state_shape, dtype, device):
         return torch.ones(n, dtype=dtype, device=device)
     s = s.detach().to(dtype=dtype, device=device)
     return s.reshape(-1).clone() if s.numel() == n else s.expand((1, *state_shape)).reshape(-1).clone()
+
+
+def _absolute_head(post):
+    """The head with every layer replaced by its entrywise absolute value (|W| x + |b|): evaluated on
+    |z| it bounds the sum of absolute terms that evaluating the head on z adds up."""
+    head = copy.deepcopy(post)
+    with torch.no_grad():
+        for m in head.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.abs_()
+                if m.bias is not None:
+                    m.bias.abs_()
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.copy_(-m.running_mean.abs())  # (|x| + |mean|) |gamma| / sigma + |beta|
+                if m.affine:
+                    m.weight.abs_()
+                    m.bias.abs_()
+    return head.eval()
+
+
+def _head_rounding(post, state_shape, k, dtype, device):
+    """(|A| (k, N), |b| (k,), gamma): the absolute head's matrix and offset, and a relative rounding
+    factor for evaluating the head in float64: (layers * (largest fan-in + 8)) * eps + TAU."""
+    head = _absolute_head(post).to(device=device, dtype=dtype)
+    fan_in = 1
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            fan_in = max(fan_in, m.in_features)
+        elif isinstance(m, nn.AvgPool2d):
+            ks = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
+            fan_in = max(fan_in, ks[0] * ks[1])
+    layers = max(1, len(list(head)))
+    with torch.no_grad():
+        abs_b = head(torch.zeros((1, *state_shape), dtype=dtype, device=device)).reshape(-1)
+    with torch.enable_grad():
+        zk = torch.zeros((k, *state_shape), dtype=dtype, device=device, requires_grad=True)
+        (rows,) = torch.autograd.grad(head(zk).reshape(k, k), zk, torch.eye(k, dtype=dtype, device=device))
+    gamma = layers * (fan_in + 8) * torch.finfo(dtype).eps + TAU
+    return rows.reshape(k, -1).detach(), abs_b, gamma
 
 
 class AgreementCertifier:
@@ -94,6 +139,7 @@ class AgreementCertifier:
             zk = torch.zeros((k, *self.state_shape), dtype=dt, device=device, requires_grad=True)
             (rows,) = torch.autograd.grad(head(zk).reshape(k, k), zk, torch.eye(k, dtype=dt, device=device))
         self.A = rows.reshape(k, -1).detach()                          # logits = A z + b
+        self.absA, self.abs_b, self.gamma = _head_rounding(post, self.state_shape, k, dt, device)
         with torch.no_grad():
             probe = torch.randn((3, *self.state_shape), dtype=dt, device=device, generator=torch.Generator(
                 device=device).manual_seed(0))
@@ -101,8 +147,11 @@ class AgreementCertifier:
             if not torch.allclose(head(probe).reshape(3, -1), lin, rtol=1e-9, atol=1e-9):
                 raise ValueError("the layers after the DEQ are not affine")
             scaled = self.A / self.s                                   # rows S^-1 a_c
-            self.D = torch.cdist(scaled, scaled)                       # D_cj = ||S^-1 (a_c - a_j)||_2
-            self.D = self.D * (1 + TAU) + TAU
+            # D_cj = ||S^-1 (a_c - a_j)||_2, computed directly: cdist's default switches to
+            # sqrt(|a|^2 + |b|^2 - 2ab) for > 25 rows, which loses everything to cancellation
+            self.D = torch.cdist(scaled, scaled, compute_mode="donot_use_mm_for_euclid_dist")
+            # the computed A differs from the exact head's by <= gamma * |A| (composition rounding)
+            self.D = self.D * (1 + TAU) + TAU + 2 * self.gamma * float((self.absA / self.s).norm(dim=1).max())
             self.A_l1 = float(self.A.abs().sum(1).max())
             self.s_is_one = bool((self.s == 1).all())
             self.b_max = float(self.b.abs().max())
@@ -133,6 +182,10 @@ class AgreementCertifier:
         gap = logits.gather(1, labels[:, None]) - logits                  # l_c - l_j  (B, K)
         need = self.D[labels] * radius[:, None]
         need = need + 2 * TAU * (self.A_l1 * flat.abs().amax(1) + self.b_max + 1.0)[:, None]
+        # rounding of the head itself (its layers composed in float64, cancellation included):
+        # |computed - exact logits| <= gamma * (|A| |z| + |b|)_abs-head per class
+        magnitude = torch.nn.functional.linear(flat.abs(), self.absA, self.abs_b).amax(1)
+        need = need + 2 * self.gamma * magnitude[:, None]
         ok = gap > need
         ok.scatter_(1, labels[:, None], True)
         certified = ok.all(1) & torch.isfinite(radius) & torch.isfinite(logits).all(1)

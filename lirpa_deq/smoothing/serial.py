@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
@@ -111,6 +112,11 @@ class SerializedSmooth(Smooth):
                                  "fast_model / serial_context")
         self._parts = parts
         self.certificate = "audit" if parts is None else "agreement"
+        if certificate == "auto" and parts is None and fast_model is None and not self._custom_context:
+            warnings.warn("SerializedSmooth(certificate='auto') uses the audited correction: the model is not "
+                          "nn.Sequential(*pre, DEQ(ReLU-affine cell with margin > 0), *affine layers in eval "
+                          "mode), which the agreement certificate needs (docs/smoothing.md)", UserWarning,
+                          stacklevel=2)
 
     def _serial_batches(self, x, num, batch_size, gen, progress, desc):
         """Yield (noisy[:b], fast_labels[:b]) for ``num`` samples in full batches of ``batch_size``.
@@ -133,6 +139,8 @@ class SerializedSmooth(Smooth):
         x, n0, n, alpha, batch_size = self._validate_certify(x, n0, n, alpha, batch_size)
         gen = make_generator(x, seed, generator)
         if self._parts is not None:
+            with torch.no_grad():  # the agreement pass never calls the model: check its output once
+                self._labels(self.model, x.unsqueeze(0))
             return self._certify_agreement(x, n0, n, alpha, batch_size, gen, progress)
         alpha_2 = alpha * self.audit_alpha_fraction
         alpha_1 = alpha - alpha_2
