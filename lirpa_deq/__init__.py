@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from . import _compat  # noqa: F401  (must run before auto_LiRPA is imported anywhere)
 from . import bounds, nn  # noqa: E402  (registers the DEQ operator with auto_LiRPA)
-from .bounds import BoundDEQ, IntervalProofError  # noqa: E402
+from .bounds import BoundDEQ, IntervalProofError, deq_nodes  # noqa: E402
+from .bounds.generic import ContractionError  # noqa: E402
 
-__all__ = ["__version__", "nn", "bounds", "BoundDEQ", "IntervalProofError"]
+__all__ = ["__version__", "nn", "bounds", "BoundDEQ", "IntervalProofError", "ContractionError", "deq_nodes"]

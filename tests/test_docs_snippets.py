@@ -16,5 +16,6 @@ def python_blocks(path):
 def test_python_blocks_execute(page):
     blocks = python_blocks(page)
     assert blocks, f"{page} has no python code block"
+    namespace = {"__name__": "__doc_snippet__"}  # a page's blocks run in order, like a reader's session
     for code in blocks:
-        exec(compile(code, f"{page}:python-block", "exec"), {"__name__": "__doc_snippet__"})
+        exec(compile(code, f"{page}:python-block", "exec"), namespace)

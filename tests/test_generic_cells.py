@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
 
+import lirpa_deq
 from lirpa_deq import IntervalProofError
 from lirpa_deq.bounds.generic.contraction import _conv_norm, graph_lipschitz, sampled_lipschitz
 from lirpa_deq.bounds.generic.cell_bounder import CellBounder
@@ -43,7 +44,7 @@ def bounds(model, x, eps, method, **deq_opts):
     bounded = BoundedModule(model, x, bound_opts={"deq": deq_opts} if deq_opts else None)
     lb, ub = bounded.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=eps)),),
                                     method=method)
-    node = next(n for n in bounded._modules.values() if type(n).__name__ == "BoundDEQ")
+    (node,) = lirpa_deq.deq_nodes(bounded)
     return lb, ub, node.box_info
 
 

@@ -141,3 +141,9 @@ def test_training_improves_certified_loss(digits):
     t.train(progress=False)
     assert t.metrics["loss"] < first["loss"] and t.metrics["clean_acc"] > 0.3
     assert math.isfinite(t.metrics["train_seconds"])
+
+
+def test_num_train_takes_a_class_balanced_subset():
+    """The embedded splits are ordered by class: a prefix of 400 images would hold only zeros."""
+    trainer = Trainer(config(dataset="mnist5k", num_train=400), log=None)
+    assert len(trainer.Y) == 400 and len(set(trainer.Y.tolist())) == 10

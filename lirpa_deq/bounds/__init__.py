@@ -1,7 +1,7 @@
 """auto_LiRPA support for DEQ layers: the fixed-point node and its bounds."""
 from auto_LiRPA import register_custom_op
 
-from .bound_deq import BoundDEQ, deq_options
+from .bound_deq import BoundDEQ, deq_nodes, deq_options
 from .interval import (IntervalOptions, IntervalProofError, interval_step, preactivation_box,
                        prove_interval_fixed_point)
 from .node import OP_NAME, is_tracing, traced_deq
@@ -10,4 +10,4 @@ register_custom_op(OP_NAME, BoundDEQ)
 
 __all__ = ["BoundDEQ", "OP_NAME", "IntervalOptions", "IntervalProofError", "interval_step",
            "preactivation_box", "prove_interval_fixed_point", "traced_deq", "is_tracing",
-           "deq_options"]
+           "deq_options", "deq_nodes"]

@@ -179,3 +179,11 @@ class BoundDEQ(Bound):
         raise NotImplementedError(
             "forward-mode LiRPA through a DEQ node is not supported; use method='IBP', "
             "'CROWN', 'CROWN-IBP' or 'CROWN-Optimized'.")
+
+
+def deq_nodes(bounded) -> list:
+    """The :class:`BoundDEQ` nodes of an auto_LiRPA ``BoundedModule``, in graph order (one per DEQ
+    layer). After ``compute_bounds`` each has ``box`` (the proved box of z*) and ``box_info``
+    (which box was proved; for generic cells also ``lipschitz`` and ``lipschitz_source``)."""
+    return [node for node in bounded.modules() if isinstance(node, BoundDEQ)]
+

@@ -102,7 +102,7 @@ def _add_train(sub):
     p.add_argument("--ramp-epochs", type=_nonneg_float, default=5.0, help="epochs of the eps ramp (default 5)")
     p.add_argument("--kappa-final", type=_nonneg_float, default=0.0, help="final natural-loss weight (default 0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-train", type=_positive_int, default=None, help="use only the first N training images")
+    p.add_argument("--num-train", type=_positive_int, default=None, help="use only N evenly spaced training images (class-balanced on the embedded splits)")
     p.add_argument("--max-steps", type=_positive_int, default=None, help="stop at this global step (resumable)")
     p.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",

@@ -64,7 +64,7 @@ class DEQ(nn.Module):
     pass ``last_backward_stats`` holds the adjoint solve's.
     """
 
-    def __init__(self, cell: ReLUAffineCell, solver: str = "anderson", tol: float = 1e-4,
+    def __init__(self, cell: nn.Module, solver: str = "anderson", tol: float = 1e-4,
                  max_iter: int = 50, backward_solver: str | None = None,
                  backward_tol: float | None = None, backward_max_iter: int | None = None,
                  implicit: bool = True, on_nonconvergence: str = "warn", **solver_opts):

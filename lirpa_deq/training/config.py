@@ -23,7 +23,7 @@ class TrainConfig:
     radius (l_inf in [0, 1] pixel units). kappa_final: final weight of the natural loss (it ramps
     from 1). beta_start/beta_final: CROWN-IBP mixing weight (ramps linearly over the eps ramp).
     lr_milestones: epochs at which the LR is multiplied by lr_gamma. grad_clip: max gradient
-    norm (0 = off). num_train: use only the first N training images (None = all)."""
+    norm (0 = off). num_train: use only N evenly spaced training images (None = all)."""
 
     dataset: str = "mnist5k"
     data_root: Optional[str] = None

@@ -40,8 +40,10 @@ class Trainer:
         info = dataset_info(config.dataset)
         data = train_set if train_set is not None else get_dataset(config.dataset, "train", config.data_root)
         X, Y = data.tensors
-        if config.num_train is not None:
-            X, Y = X[:config.num_train], Y[:config.num_train]
+        if config.num_train is not None and config.num_train < len(Y):
+            # evenly spaced: the embedded splits are ordered by class, a prefix would be one class
+            keep = torch.linspace(0, len(Y) - 1, config.num_train).round().long()
+            X, Y = X[keep], Y[keep]
         self.X, self.Y = X, Y
         self.input_shape, self.num_classes = tuple(X.shape[1:]), int(info.num_classes)
         torch.manual_seed(config.seed)
