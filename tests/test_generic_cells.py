@@ -518,3 +518,43 @@ def test_a_cell_without_parameters_gets_crown_bounds():
     x = torch.randn(2, 3, dtype=torch.float64)
     lb, ub, _ = bounds(model, x, 0.1, "CROWN")
     assert_sound(model, x, 0.1, lb, ub, atol=ATOL, n_samples=100, pgd_steps=10)
+
+
+def test_bounding_leaves_the_users_modules_as_they_were():
+    """auto_LiRPA's BoundParams.forward sets requires_grad from its node's mode and 0.3 may switch
+    traced models to training mode: the nested module of an eval-mode cell must not freeze the cell's
+    parameters (as the outer module, which keeps them trainable) nor switch its modes."""
+    torch.manual_seed(0)
+    cell = TanhCell(4, 3)
+    model = nn.Sequential(DEQ(cell, **solver_kw()), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    for method in ("IBP", "CROWN"):
+        bounds(model, x, 0.05, method)
+    assert not any(m.training for m in model.modules())
+    assert all(p.requires_grad for p in cell.parameters())
+
+
+def test_cells_that_mix_the_samples_of_a_batch_are_refused():
+    class Mix(nn.Module):  # a contraction of the whole batch, not of each sample
+        def __init__(self):
+            super().__init__()
+            self.P = nn.Linear(2, 2, bias=False)
+            with torch.no_grad():
+                c = 0.9 / math.sqrt(2)
+                self.P.weight.copy_(torch.tensor([[c, -c], [c, c]]))
+
+        def forward(self, z, x):
+            return self.P(z.reshape(1, 2)).reshape(2, 1) + x
+
+    model = nn.Sequential(DEQ(Mix().double(), **solver_kw())).double()
+    with pytest.raises(ValueError, match="mixes the samples of a batch"):
+        bounds(model, torch.tensor([[0.3], [0.5]], dtype=torch.float64), 0.1, "IBP")
+
+
+def test_post_fixpoint_box_is_intersected_with_the_contraction_ball():
+    """At eps = 0 the ball is tiny while a post-fixpoint found after large inflations is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(DEQ(TanhCell(8, 8, contraction=0.95), **solver_kw())).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    lb, ub, _ = bounds(model, x, 0.0, "IBP")
+    assert float((ub - lb).max()) < 1e-6

@@ -43,6 +43,7 @@ def refresh_bounder(node, x_lo, x_hi):
             and all(bounder.reproduces(z, x) for z, x in points):
         return False
     bounder = CellBounder(deq.cell, *points[0])
+    _check_per_sample(deq.cell, *points[0])
     if not all(bounder.reproduces(z, x) for z, x in points):
         # a fresh trace that disagrees with the cell at once: beyond rounding, the forward is not one
         # fixed computation (data-dependent control flow, randomness)
@@ -55,11 +56,35 @@ def refresh_bounder(node, x_lo, x_hi):
     return True
 
 
+def _check_per_sample(cell, z, x):
+    """The bounds (per-sample boxes and contraction balls) and the solvers (per-sample stopping) need a
+    cell that maps each sample on its own: the first and the last sample's outputs must not change when
+    every other sample changes (the same arithmetic runs for them, so they agree to rounding)."""
+    if z.shape[0] < 2:
+        return
+    with torch.no_grad():
+        full = cell(z, x)
+        for i in (0, z.shape[0] - 1):
+            others = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+            others[i] = False
+            z2, x2 = z.clone(), x.clone()
+            z2[others] = 2 * z2[others] + 1
+            x2[others] = 2 * x2[others] + 1
+            changed = cell(z2, x2)[i]
+            same = bool(((changed - full[i]).abs() <= 1e-6 * (1 + full[i].abs())).all())
+            if not same:
+                raise ValueError(f"{type(cell).__name__} mixes the samples of a batch (sample {i} changes when computed "
+                                 "alone); DEQ cells must map each sample independently (BatchNorm in eval mode, no "
+                                 "reshapes across the batch dimension)")
+
+
 def generic_box(node, x_lo, x_hi, z_mid):
     """(lo, hi, info): the proved box of z* for x in [x_lo, x_hi] (no gradients)."""
     deq = node.deq
     bounder = bounder_for(node, z_mid, x_lo)
     x_mid = (x_lo + x_hi) / 2
+    if not bool(torch.isfinite(z_mid).all()):  # a diverged warm start: the search restarts from zero
+        z_mid = torch.zeros_like(z_mid)
     lipschitz, source = contraction_certificate(deq.cell, bounder, z_mid, x_mid)
     lo, hi, info = prove_generic_box(bounder, z_mid, x_lo, x_hi, lipschitz, node.interval_options)
     info.update(lipschitz=lipschitz, lipschitz_source=source)

@@ -94,12 +94,15 @@ def prove_generic_box(bounder, z_mid, x_lo, x_hi, lipschitz, opts: IntervalOptio
     lipschitz: the cell's proved z-contraction constant (< 1)."""
     opts = opts or IntervalOptions()
     F = _interval_map(bounder, (x_lo, x_hi))
+    ball = contraction_ball_box(F, z_mid, lipschitz)  # always sound; one F call
     try:
         lo, hi, info = _post_fixpoint(F, z_mid, opts)
+        # both boxes contain z*: the ball can be far tighter when the proof needed a large inflation
+        lo, hi = torch.maximum(lo, ball[0]), torch.minimum(hi, ball[1])
     except IntervalProofError as err:
         if not opts.fallback:
             raise
-        lo, hi = contraction_ball_box(F, z_mid, lipschitz)
+        lo, hi = ball
         info = {"box": "contraction-ball", "interval_error": str(err)}
     # the proved box is an inflated one (a pad around the interval fixed point); intersected steps
     # shrink it back while they make progress (each keeps z* inside)
@@ -110,4 +113,7 @@ def prove_generic_box(bounder, z_mid, x_lo, x_hi, lipschitz, opts: IntervalOptio
         lo, hi = new_lo, new_hi
         if step + 1 >= opts.tighten_steps and gain <= 1e-3 * float((hi - lo).max()):
             break
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all() and (lo <= hi).all()):
+        raise IntervalProofError("the generic cell's box is not finite (NaN or inf in the cell's interval map); "
+                                 "no bound is returned")
     return lo, hi, info

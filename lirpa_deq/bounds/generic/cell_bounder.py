@@ -42,15 +42,13 @@ class _CellOfZX(nn.Module):
     def __init__(self, cell, dtype):
         super().__init__()
         self.cell = cell
-        # auto_LiRPA 0.3 takes its specification dtype from the module's first parameter (and fails
-        # without one): a parameter-free cell gets an exact zero term carrying the dtype
-        self.anchor = nn.Parameter(torch.zeros((), dtype=dtype)) if not any(True for _ in cell.parameters()) \
-            else None
+        # auto_LiRPA 0.3 takes its specification dtype from the traced module's first parameter (and
+        # fails without one, e.g. when the cell's weights are buffers): an exact zero term carries it
+        self.anchor = nn.Parameter(torch.zeros((), dtype=dtype))
 
     def forward(self, z, x):
         # flattened: auto_LiRPA 0.3's CROWN needs a (B, n) output for its identity specification
-        out = self.cell(z, x).flatten(1)
-        return out if self.anchor is None else out + self.anchor
+        return self.cell(z, x).flatten(1) + self.anchor
 
 
 def _parametrized(cell):
@@ -87,6 +85,10 @@ def check_eval_mode(cell):
     from torch.nn.utils import parametrize
 
     for name, m in cell.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            raise ValueError(f"cell module {name or type(m).__name__!r} is a BatchNorm without running statistics "
+                             "(track_running_stats=False): it normalizes with batch statistics even in eval mode, "
+                             "so the cell has no per-sample bound")
         if not m.training:
             continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -108,6 +110,10 @@ class CellBounder:
         from auto_LiRPA.bound_ops import BoundInput, BoundParams, BoundBuffers
 
         check_eval_mode(cell)
+        dtypes = {t.dtype for t in list(cell.parameters()) + list(cell.buffers()) if t.is_floating_point()}
+        if len(dtypes) > 1 or (dtypes and z_example.dtype not in dtypes):
+            raise ValueError(f"{type(cell).__name__} mixes floating dtypes {sorted(str(d) for d in dtypes)} with states "
+                             f"of {z_example.dtype}: convert the whole model (model.to(dtype)), not the BoundedModule")
         self.cell = cell
         self.key = (tuple(z_example.shape), tuple(x_example.shape), z_example.dtype, z_example.device)
         self.parametrized = _parametrized(cell)
@@ -115,14 +121,23 @@ class CellBounder:
         traced = _without_parametrizations(cell) if self.parametrized else cell
         wrapper = _CellOfZX(traced, z_example.dtype)
         wrapper.training = cell.training  # the wrapper's own flag only; auto_LiRPA traces in its mode
+        modes = [(m, m.training) for m in cell.modules()]
+        grads = [(p, p.requires_grad) for p in cell.parameters()]
         try:
             self.module = BoundedModule(wrapper, (z_example.detach(), x_example.detach()),
                                         bound_opts={"conv_mode": "matrix"}, device=z_example.device)
+            self.module.eval()  # 0.3 may switch the traced model to training mode (e.g. for Dropout)
+            self.sync_parameters()
         except Exception as err:  # auto_LiRPA's own errors say little about the cell
             raise RuntimeError(f"auto_LiRPA could not build a bounded module of {type(cell).__name__}(z, x): "
                                f"{type(err).__name__}: {err}. Generic cells must be built from operations "
                                "auto_LiRPA supports (linear, conv2d, batchnorm in eval, relu/tanh/sigmoid, "
                                "add/mul, reshape...)") from err
+        finally:
+            for m, mode in modes:  # tracing must not change the user's modules
+                m.training = mode
+            for p, flag in grads:  # (auto_LiRPA's forward sets requires_grad from the node's mode)
+                p.requires_grad_(flag)
         roots = [name for name, node in self.module._modules.items()
                  if isinstance(node, BoundInput) and not isinstance(node, (BoundParams, BoundBuffers))]
         if len(roots) != 2:
@@ -133,11 +148,26 @@ class CellBounder:
         self.out_name = self.module.final_name
         self.num_ops, self.fan_in = _rounding_profile(self.module, z_example, x_example)
 
+    def sync_parameters(self):
+        """auto_LiRPA's BoundParams.forward calls ``param.requires_grad_(node.training)`` on the SHARED
+        cell parameters; keep each node's flag equal to its parameter's own requires_grad so that a
+        nested pass neither freezes the user's parameters nor unfreezes frozen ones (and gradients of
+        the nested bounds flow exactly where the user's model allows). Called before every pass."""
+        for node in self.module._modules.values():
+            param = getattr(node, "param", None)
+            if type(node).__name__ == "BoundParams" and isinstance(param, torch.Tensor):
+                node.training = bool(param.requires_grad)
+
+    def forward(self, z, x):
+        """The nested module's forward (fills every node's forward_value)."""
+        self.sync_parameters()
+        return self.module(z, x)
+
     def reproduces(self, z, x, tol=None):
         """Does the nested module compute what the live cell computes at (z, x)? ``tol``: relative
         tolerance (default: a few rounding errors of the traced graph's operations)."""
         with torch.no_grad():
-            traced = self.module(z, x).reshape(z.shape[0], -1)
+            traced = self.forward(z, x).reshape(z.shape[0], -1)
             live = self.cell(z, x).reshape(z.shape[0], -1)
         if tol is None:
             tol = 4 * self.num_ops * (self.fan_in + 8) * torch.finfo(z.dtype).eps
@@ -160,6 +190,7 @@ class CellBounder:
 
     def ibp(self, z_box, x_box):
         """(lo, hi) of cell(z, x) over the boxes, each (B, *z_shape)."""
+        self.sync_parameters()
         with _default_dtype(z_box[0].dtype):
             lb, ub = self.module.compute_bounds(x=self._inputs(z_box, x_box), method="IBP")
         self.last_magnitude = _graph_magnitude(self.module, lb.shape[0])
@@ -172,6 +203,7 @@ class CellBounder:
         batch, n = z_box[0].shape[0], z_box[0][0].numel()
         # explicit identity specification: 0.3's default C is float32 whatever the model's dtype
         C = torch.eye(n, dtype=z_box[0].dtype, device=z_box[0].device).expand(batch, n, n)
+        self.sync_parameters()
         with _default_dtype(z_box[0].dtype):
             lb, ub, A = self.module.compute_bounds(
                 x=self._inputs(z_box, x_box), C=C, method="CROWN", return_A=True,

@@ -98,7 +98,7 @@ def graph_lipschitz(bounder, z, x):
     Raises ContractionError naming the first operation on a path from z that has no rule."""
     module = bounder.module
     with torch.no_grad():
-        module(z.detach(), x.detach())  # fills forward_value of every node
+        bounder.forward(z.detach(), x.detach())  # fills forward_value of every node
     nodes = module._modules
     memo = {bounder.z_name: 1.0, bounder.x_name: 0.0}
     x_memo = {bounder.x_name: True, bounder.z_name: False}
