@@ -39,8 +39,11 @@ def refresh_bounder(node, x_lo, x_hi):
     inputs = [((x_lo + x_hi) / 2).detach(), x_lo.detach(), x_hi.detach()]
     points = [(z, x) for z in states for x in inputs]
     bounder = getattr(node, "_generic_bounder", None)
+    # an existing bounder (fingerprint unchanged) is re-checked on a diagonal of the points; a new
+    # one on all of them
+    diagonal = [(states[k % len(states)], inputs[k]) for k in range(len(inputs))]
     if bounder is not None and bounder.cell is deq.cell and bounder.matches(points[0][0], points[0][1]) \
-            and all(bounder.reproduces(z, x) for z, x in points):
+            and all(bounder.reproduces(z, x) for z, x in diagonal):
         return False
     bounder = CellBounder(deq.cell, *points[0])
     _check_per_sample(deq.cell, *points[0])
