@@ -123,11 +123,7 @@ def deq_bound_backward(node, last_lA, last_uA, *x, **kwargs):
     from auto_LiRPA.patches import Patches
 
     u_node, param_nodes = x[0], x[1:]
-    for i in range(1, len(x)):
-        if node.is_input_perturbed(i):
-            raise NotImplementedError("perturbed DEQ cell parameters are not supported")
-    params = node._params([p.forward_value if getattr(p, "forward_value", None) is not None else p.value
-                           for p in param_nodes])
+    params = node.backward_params(param_nodes)
     u_lo, u_hi = u_node.lower, u_node.upper
     if u_lo is None or u_hi is None:
         raise RuntimeError("bounds of the DEQ injection are missing (requires_input_bounds)")

@@ -96,16 +96,15 @@ class BoundDEQ(Bound):
         # a SNAPSHOT (clones): in-place weight updates (optimizer.step) must invalidate the cache
         state = list(detached.values())
         deq = self.deq
-        if deq.generic:  # buffers (BatchNorm statistics) and a declared contraction shape the box too
+        if deq.generic:  # attributes, buffers and a declared contraction shape the box too
             from .generic.bound import refresh_bounder
             from .generic.fingerprint import fingerprint, same_fingerprint
-            current = fingerprint(deq.cell)  # Python / tensor attributes and buffers shape the box too
+            current = fingerprint(deq.cell)  # Python / tensor attributes and buffers
             if refresh_bounder(self, u_lo, u_hi) or not same_fingerprint(current, getattr(self, "_cell_fp", None)):
                 self._box_key = None
             self._cell_fp = current
             declared = getattr(deq.cell, "lipschitz_z", None)
-            declared = declared() if callable(declared) else declared
-            state += [b.detach() for b in deq.cell.buffers()]
+            declared = declared() if callable(declared) else declared  # (a callable's value: not in the fingerprint)
             state.append(torch.tensor(-1.0 if declared is None else float(declared)))
         key = (u_lo.clone(), u_hi.clone(), tuple(v.clone() for v in state))
         if self._box_key is not None and _same(self._box_key, key):
@@ -160,18 +159,22 @@ class BoundDEQ(Bound):
         return torch.maximum(a, lo), torch.minimum(b, hi)
 
     # ---------------------------------------------------------------------------- backward
+    def backward_params(self, param_nodes):
+        """name -> value of the cell parameters from the node's parameter inputs (backward mode);
+        perturbed parameters are refused."""
+        for i in range(1, len(param_nodes) + 1):
+            if self.is_input_perturbed(i):
+                raise NotImplementedError("perturbed DEQ cell parameters are not supported")
+        return self._params([p.forward_value if getattr(p, "forward_value", None) is not None else p.value
+                             for p in param_nodes])
+
     def bound_backward(self, last_lA, last_uA, *x, **kwargs):
         from .adjoint import deq_bound_backward  # the adjoint-DEQ (CROWN) bound
 
         if self.deq.generic:
             from .adjoint import dense_last_A
             from .generic.bound import generic_bound_backward
-            for i in range(1, len(x)):
-                if self.is_input_perturbed(i):
-                    raise NotImplementedError("perturbed DEQ cell parameters are not supported")
-            params = self._params([p.forward_value if getattr(p, "forward_value", None) is not None
-                                   else p.value for p in x[1:]])
-            return generic_bound_backward(self, last_lA, last_uA, x[0], params, dense_last_A)
+            return generic_bound_backward(self, last_lA, last_uA, x[0], self.backward_params(x[1:]), dense_last_A)
 
         return deq_bound_backward(self, last_lA, last_uA, *x, **kwargs)
 

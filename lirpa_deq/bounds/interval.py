@@ -101,17 +101,24 @@ def rounding_slack(op, lo, hi, u_lo, u_hi):
     return (fan_in + 8) * eps * mag + torch.finfo(lo.dtype).tiny
 
 
-def _search(op, lo, hi, u_lo, u_hi, opts):
-    """Heuristic search for the interval fixed point (no soundness claim)."""
+def search_box_fixed_point(box_map, lo, hi, opts):
+    """Heuristic search (no soundness claim) for a fixed point of an interval map
+    ``box_map(lo, hi) -> (lo', hi')``: the registered solver ``opts.solver`` on the stacked
+    ``[lo; hi]`` system. Returns (lo, hi, stats) with lo <= hi."""
     solver = get_solver(opts.solver)
 
     def F(x):
-        a, b = interval_step(op, x[:, 0], x[:, 1], u_lo, u_hi)
+        a, b = box_map(x[:, 0], x[:, 1])
         return torch.stack([a, b], 1)
 
     x, stats = solver(F, torch.stack([lo, hi], 1), tol=opts.tol, max_iter=opts.max_iter)
     lo, hi = x[:, 0], x[:, 1]
     return torch.minimum(lo, hi), torch.maximum(lo, hi), stats
+
+
+def _search(op, lo, hi, u_lo, u_hi, opts):
+    """The search for a ReLU-affine cell's interval step."""
+    return search_box_fixed_point(lambda a, b: interval_step(op, a, b, u_lo, u_hi), lo, hi, opts)
 
 
 def neumann_direction(op, state_shape, like, iters=500, rtol=1e-6):

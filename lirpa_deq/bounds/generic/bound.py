@@ -14,9 +14,10 @@ from .contraction import contraction_certificate
 
 
 def bounder_for(node, z, x):
-    """The node's CellBounder for these shapes (rebuilt when shapes or cell buffers change)."""
+    """The node's CellBounder for these shapes. ``BoundDEQ.interval_box`` runs
+    :func:`refresh_bounder` first in every bound computation, so only the shapes are checked here."""
     bounder = getattr(node, "_generic_bounder", None)
-    if bounder is None or bounder.cell is not node.deq.cell or not bounder.matches(z, x):
+    if bounder is None or bounder.cell is not node.deq.cell or not bounder.fits(z, x):
         bounder = CellBounder(node.deq.cell, z.detach(), x.detach())
         node._generic_bounder = bounder
     return bounder

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ...solvers import get_solver
-from ..interval import IntervalOptions, IntervalProofError
+from ..interval import IntervalOptions, IntervalProofError, search_box_fixed_point
 
 
 def _interval_map(bounder, x_box):
@@ -34,24 +33,12 @@ def _interval_map(bounder, x_box):
     return F
 
 
-def _search(F, z_mid, opts):
-    solver = get_solver(opts.solver)
-
-    def stacked(v):
-        a, b = F(v[:, 0], v[:, 1])
-        return torch.stack([a, b], 1)
-
-    v, stats = solver(stacked, torch.stack([z_mid, z_mid], 1), tol=opts.tol, max_iter=opts.max_iter)
-    lo, hi = v[:, 0], v[:, 1]
-    return torch.minimum(lo, hi), torch.maximum(lo, hi), stats
-
-
 def _inside(a, b, lo, hi):
     return bool((a >= lo).all() and (b <= hi).all())
 
 
 def _post_fixpoint(F, z_mid, opts):
-    lo, hi, stats = _search(F, z_mid, opts)
+    lo, hi, stats = search_box_fixed_point(F, z_mid, z_mid, opts)
     view = (-1,) + (1,) * (z_mid.dim() - 1)
     scale = 1.0
     for attempt in range(opts.retries + 1):

@@ -173,12 +173,14 @@ class CellBounder:
             tol = 4 * self.num_ops * (self.fan_in + 8) * torch.finfo(z.dtype).eps
         return bool(((traced - live).abs() <= tol * (1 + live.abs())).all())
 
+    def fits(self, z, x):
+        """Built for inputs of these shapes, dtype and device."""
+        return (tuple(z.shape), tuple(x.shape), z.dtype, z.device) == self.key
+
     def matches(self, z, x):
-        """Usable for these inputs: same shapes/dtype/device and an unchanged fingerprint (buffers,
+        """Usable for these inputs: it fits them and the cell's fingerprint is unchanged (buffers,
         Python and tensor attributes; parameters too for parametrized cells)."""
-        if (tuple(z.shape), tuple(x.shape), z.dtype, z.device) != self.key:
-            return False
-        return same_fingerprint(self.fingerprint, fingerprint(self.cell, with_parameters=self.parametrized))
+        return self.fits(z, x) and same_fingerprint(self.fingerprint, fingerprint(self.cell, with_parameters=self.parametrized))
 
     def _inputs(self, z_box, x_box):
         from auto_LiRPA import BoundedTensor, PerturbationLpNorm
