@@ -23,7 +23,6 @@ L <= skip + 3 * gain = 0.9 by construction.
     python examples/custom_cell.py --eps 0.02 --epochs 5
     python examples/custom_cell.py --data-root ~/data --dataset cifar10
 """
-import argparse
 import math
 import time
 
@@ -37,6 +36,7 @@ from lirpa_deq.data import dataset_info, get_dataset
 from lirpa_deq.nn import DEQ, ContractionError
 from lirpa_deq.testing import pgd_extremes
 from lirpa_deq.training import margin_spec
+from _common import evenly_spaced, example_parser, parse_common, setup, train_naturally
 
 
 class MyCell(nn.Module):
@@ -56,51 +56,20 @@ class MyCell(nn.Module):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small, fast run on the embedded MNIST digits")
-    p.add_argument("--dataset", default=None,
-                   help="mnist5k (embedded, default), digits, mnist or cifar10 (the last two need --data-root)")
-    p.add_argument("--data-root", default=None, help="directory holding MNIST / CIFAR-10 files (never downloads)")
+    p = example_parser(__doc__)
     p.add_argument("--eps", type=float, default=0.005, help="l_inf radius in [0, 1] pixel units (default 0.005)")
     p.add_argument("--num-images", type=int, default=None, help="test images to certify (default 20 quick / 100)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 2 quick / 5)")
     p.add_argument("--channels", type=int, default=4, help="state channels of the cell (default 4)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.dataset is None:
-        args.dataset = "mnist" if args.data_root else "mnist5k"
+    args = parse_common(p, argv)
     args.num_images = args.num_images or (20 if args.quick else 100)
     args.epochs = args.epochs or (2 if args.quick else 5)
     return args
 
 
-def train_naturally(model, train, epochs, device, seed, limit=None):
-    x, y = train.tensors
-    g = torch.Generator().manual_seed(seed)
-    if limit:  # a random subset (the embedded splits are sorted by class)
-        keep = torch.randperm(len(y), generator=g)[:limit]
-        x, y = x[keep], y[keep]
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 100):
-            idx = perm[i:i + 100]
-            loss = nn.functional.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
-            opt.zero_grad()
-            loss.backward()  # implicit gradients through the fixed point of YOUR cell
-            opt.step()
-        print(f"  epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.3f}")
-    return model.eval()  # eval: spectral_norm stops its power iteration, weights are fixed
-
-
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = setup(args)
     info = dataset_info(args.dataset)
     c, h, w = info.input_shape
     cell = MyCell(c, args.channels)
@@ -111,13 +80,12 @@ def main(argv=None):
     train = get_dataset(args.dataset, "train", args.data_root)
     t0 = time.time()
     print(f"training DEQ(MyCell) naturally for {args.epochs} epoch(s)")
-    train_naturally(model, train, args.epochs, device, args.seed, limit=2000 if args.quick else None)
+    train_naturally(model, train, args.epochs, device, args.seed, lr=3e-3, batch_size=100,
+                    limit=2000 if args.quick else None)
     print(f"  trained in {time.time() - t0:.1f} s")
 
-    test = get_dataset(args.dataset, "test", args.data_root)
-    xs, ys = test.tensors
-    idx = torch.linspace(0, len(ys) - 1, min(args.num_images, len(ys))).round().long()
-    x, y = xs[idx].to(device), ys[idx].to(device)
+    x, y = evenly_spaced(get_dataset(args.dataset, "test", args.data_root), args.num_images)
+    x, y = x.to(device), y.to(device)
 
     bounded = BoundedModule(model, torch.zeros_like(x[:1]), device=str(device))
     ptb = PerturbationLpNorm(norm=math.inf, eps=args.eps, x_L=(x - args.eps).clamp(0, 1),

@@ -20,60 +20,33 @@ margin at x minus eps times the bound. An IBP certificate of the same images is 
     python examples/lipschitz.py --norm 2 --eps 0.1      # l2 ball
     python examples/lipschitz.py --load runs/ibp/checkpoint.pt
 """
-import argparse
 import math
 import time
 import warnings
 
 import torch
-import torch.nn as nn
 
 import lirpa_deq  # noqa: F401  (registers the DEQ operator with auto_LiRPA)
 from lirpa_deq.data import dataset_info, get_dataset
 from lirpa_deq.lipschitz import LipschitzFallbackWarning, certify_lipschitz, local_lipschitz
 from lirpa_deq.models import build_model
 from lirpa_deq.training import certify_bounds, load_checkpoint, margin_spec, model_from_checkpoint
+from _common import evenly_spaced, example_parser, parse_common, setup, train_naturally
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small, fast run on the embedded MNIST digits")
-    p.add_argument("--dataset", default=None,
-                   help="mnist5k (embedded, default), digits, mnist or cifar10 (the last two need --data-root)")
-    p.add_argument("--data-root", default=None, help="directory holding MNIST / CIFAR-10 files (never downloads)")
+    p = example_parser(__doc__)
     p.add_argument("--load", default=None, metavar="CHECKPOINT", help="checkpoint to analyse instead of training")
     p.add_argument("--eps", type=float, default=0.01, help="radius of the ball (default 0.01)")
     p.add_argument("--norm", default="inf", choices=["inf", "2"], help="l_inf (default) or l2 ball")
     p.add_argument("--num-images", type=int, default=None, help="test images (default 10 quick / 20)")
     p.add_argument("--width", type=int, default=None, help="DEQ width of the fc-deq (default 64 quick / 128)")
     p.add_argument("--epochs", type=int, default=3, help="natural training epochs (default 3)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.dataset is None:
-        args.dataset = "mnist" if args.data_root else "mnist5k"
+    args = parse_common(p, argv)
     args.norm = math.inf if args.norm == "inf" else 2
     args.num_images = args.num_images or (10 if args.quick else 20)
     args.width = args.width or (64 if args.quick else 128)
     return args
-
-
-def train_naturally(model, train, epochs, device, seed):
-    x, y = train.tensors
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 100):
-            idx = perm[i:i + 100]
-            loss = nn.functional.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        print(f"  epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.3f}")
-    return model.eval()
 
 
 def gradient_norm_at_x(model, x, C, norm):
@@ -89,9 +62,7 @@ def gradient_norm_at_x(model, x, C, norm):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = setup(args)
     info = dataset_info(args.dataset)
 
     # ---- model: Flatten -> Linear -> DEQ(IBPMonLinear) -> Linear, trained briefly (or loaded) ----
@@ -101,12 +72,11 @@ def main(argv=None):
         model = build_model("fc-deq", info.input_shape, info.num_classes, width=args.width).to(device)
         train = get_dataset(args.dataset, "train", args.data_root)
         print(f"natural training of fc-deq (width {args.width}) on {len(train)} {args.dataset} images")
-        train_naturally(model, train, args.epochs, device, args.seed)
+        train_naturally(model, train, args.epochs, device, args.seed, lr=1e-3, batch_size=100)
     model.eval()
 
-    x, y = get_dataset(args.dataset, "test", args.data_root).tensors
-    idx = torch.linspace(0, len(y) - 1, min(args.num_images, len(y))).round().long()  # evenly spaced
-    x, y = x[idx].to(device), y[idx].to(device)
+    x, y = evenly_spaced(get_dataset(args.dataset, "test", args.data_root), args.num_images)
+    x, y = x.to(device), y.to(device)
     ibp_cert = None
     if args.norm == math.inf:  # IBP certificate of the float32 model, for context
         ibp_cert, _ = certify_bounds(model, x, y, args.eps, "IBP", num_classes=info.num_classes, clip=None)

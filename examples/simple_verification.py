@@ -19,7 +19,6 @@ adjoint DEQ for CROWN; see docs/ibp.md and docs/crown.md).
     python examples/simple_verification.py --data-root ~/data --dataset mnist
     python examples/simple_verification.py --load runs/ibp/checkpoint.pt
 """
-import argparse
 import math
 import time
 
@@ -31,60 +30,25 @@ from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
 from lirpa_deq.data import dataset_info, get_dataset
 from lirpa_deq.nn import DEQ, IBPMonLinear
 from lirpa_deq.training import load_checkpoint, margin_spec, model_from_checkpoint
+from _common import evenly_spaced, example_parser, parse_common, setup, train_naturally
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small, fast run on the embedded MNIST digits")
-    p.add_argument("--dataset", default=None,
-                   help="mnist5k (embedded, default), digits, mnist or cifar10 (the last two need --data-root)")
-    p.add_argument("--data-root", default=None, help="directory holding MNIST / CIFAR-10 files (never downloads)")
+    p = example_parser(__doc__)
     p.add_argument("--load", default=None, metavar="CHECKPOINT", help="checkpoint to verify instead of training")
     p.add_argument("--eps", type=float, default=0.01, help="l_inf radius in [0, 1] pixel units (default 0.01)")
     p.add_argument("--num-images", type=int, default=None, help="test images to verify (default 3 quick / 10)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 2 quick / 5)")
     p.add_argument("--width", type=int, default=64, help="DEQ width (default 64)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.dataset is None:  # the embedded digits unless the user points at local files
-        args.dataset = "mnist" if args.data_root else "mnist5k"
+    args = parse_common(p, argv)
     args.num_images = args.num_images or (3 if args.quick else 10)
     args.epochs = args.epochs or (2 if args.quick else 5)
     return args
 
 
-def evenly_spaced(dataset, num):
-    """``num`` evenly spaced (x, y) of a dataset (the embedded splits are sorted by class)."""
-    x, y = dataset.tensors
-    idx = torch.linspace(0, len(y) - 1, min(num, len(y))).round().long()
-    return x[idx], y[idx]
-
-
-def train_naturally(model, train, epochs, device, seed):
-    """Plain cross-entropy training with Adam: the DEQ layer has implicit gradients."""
-    x, y = train.tensors
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 128):
-            idx = perm[i:i + 128]
-            loss = nn.functional.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        print(f"  epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.3f}")
-    return model.eval()
-
-
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = setup(args)
     info = dataset_info(args.dataset)  # input_shape (C, H, W), num_classes
     test = get_dataset(args.dataset, "test", args.data_root)
 

@@ -27,25 +27,20 @@ the base DEQ f.
     python examples/smoothing_srs.py --n 10000 --num-images 100 --sigma 0.5
     python examples/smoothing_srs.py --data-root ~/data --dataset cifar10 --device cuda
 """
-import argparse
 import time
 from statistics import NormalDist
 
 import torch
-import torch.nn as nn
 
 import lirpa_deq  # noqa: F401
 from lirpa_deq.data import dataset_info, get_dataset
 from lirpa_deq.models import build_model
 from lirpa_deq.smoothing import ABSTAIN, SerializedSmooth, Smooth, cp_lower, hypergeom_upper
+from _common import evenly_spaced, example_parser, parse_common, setup, train_naturally
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small, fast run on the embedded MNIST digits")
-    p.add_argument("--dataset", default=None,
-                   help="mnist5k (embedded, default), digits, mnist or cifar10 (the last two need --data-root)")
-    p.add_argument("--data-root", default=None, help="directory holding MNIST / CIFAR-10 files (never downloads)")
+    p = example_parser(__doc__)
     p.add_argument("--sigma", type=float, default=0.25, help="noise level, also used in training (default 0.25)")
     p.add_argument("--n", type=int, default=None, help="estimation samples per image (default 1000 quick / 10000)")
     p.add_argument("--n0", type=int, default=100, help="selection samples per image (default 100)")
@@ -57,12 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--num-images", type=int, default=None, help="test images (default 20 quick / 100)")
     p.add_argument("--width", type=int, default=None, help="DEQ width of the fc-deq (default 64 quick / 128)")
     p.add_argument("--epochs", type=int, default=None, help="noise-augmented training epochs (default 3 / 10)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.dataset is None:
-        args.dataset = "mnist" if args.data_root else "mnist5k"
+    args = parse_common(p, argv)
     args.n = args.n or (1000 if args.quick else 10000)
     args.num_images = args.num_images or (20 if args.quick else 100)
     args.width = args.width or (64 if args.quick else 128)
@@ -70,41 +60,20 @@ def parse_args(argv=None):
     return args
 
 
-def train_with_noise(model, train, sigma, epochs, device, seed):
-    """Gaussian data augmentation (Cohen et al.): the base classifier must be accurate under noise."""
-    x, y = train.tensors
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 128):
-            idx = perm[i:i + 128]
-            xb = x[idx] + sigma * torch.randn(x[idx].shape, generator=g)
-            loss = nn.functional.cross_entropy(model(xb.to(device)), y[idx].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        print(f"  epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.3f}")
-    return model.eval()
-
-
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = setup(args)
     info = dataset_info(args.dataset)
 
     model = build_model("fc-deq", info.input_shape, info.num_classes, width=args.width).to(device)
     train = get_dataset(args.dataset, "train", args.data_root)
     print(f"noise-augmented training (sigma={args.sigma}) of fc-deq (width {args.width}) on {len(train)} images")
-    train_with_noise(model, train, args.sigma, args.epochs, device, args.seed)
+    # Gaussian data augmentation (Cohen et al.): the base classifier must be accurate under noise
+    train_naturally(model, train, args.epochs, device, args.seed, noise=args.sigma)
     model.eval()  # the smoothing classes call the model under no_grad; eval mode is our job
 
-    x, y = get_dataset(args.dataset, "test", args.data_root).tensors
-    idx = torch.linspace(0, len(y) - 1, min(args.num_images, len(y))).round().long()  # evenly spaced
-    x, y = x[idx].to(device), y[idx]
+    x, y = evenly_spaced(get_dataset(args.dataset, "test", args.data_root), args.num_images)
+    x = x.to(device)
 
     certifiers = {
         "plain RS": Smooth(model, info.num_classes, args.sigma, input_shape=info.input_shape),

@@ -17,35 +17,19 @@ The DEQ analogue of auto_LiRPA's ``examples/vision/simple_training.py`` with ``-
     python examples/train_ibp_mondeq.py --save runs/ibp.pt   # then: examples/simple_verification.py --load runs/ibp.pt
     python examples/train_ibp_mondeq.py --data-root ~/data --dataset cifar10 --eps-train 0.0078 --eps 0.0078 --device cuda
 """
-import argparse
 import time
 
-import torch
 
 import lirpa_deq  # noqa: F401  (registers the DEQ operator with auto_LiRPA)
 from lirpa_deq.data import get_dataset
 from lirpa_deq.training import TrainConfig, Trainer, certify_bounds, pgd_robust, predict
+from _common import add_training_args, evenly_spaced, example_parser, parse_common, setup
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small, fast run on the embedded MNIST digits")
-    p.add_argument("--dataset", default=None,
-                   help="mnist5k (embedded, default), digits, mnist or cifar10 (the last two need --data-root)")
-    p.add_argument("--data-root", default=None, help="directory holding MNIST / CIFAR-10 files (never downloads)")
-    p.add_argument("--model", default="conv-fc-deq", help="lirpa_deq.models registry name (default conv-fc-deq)")
-    p.add_argument("--width", type=int, default=None, help="DEQ width (default 64 quick / 256)")
-    p.add_argument("--eps-train", type=float, default=0.2, help="final training eps, l_inf (default 0.2)")
-    p.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.1], help="test eps (default 0.05 0.1)")
-    p.add_argument("--epochs", type=float, default=None, help="epochs (default 8 quick / 30)")
-    p.add_argument("--num-test", type=int, default=None, help="evenly spaced test images (default 200 quick / all)")
-    p.add_argument("--save", default=None, metavar="PATH", help="write the trained checkpoint here")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.dataset is None:
-        args.dataset = "mnist" if args.data_root else "mnist5k"
+    p = example_parser(__doc__)
+    add_training_args(p, quick_epochs=8, quick_tests=200)
+    args = parse_common(p, argv)
     return args
 
 
@@ -68,7 +52,7 @@ def config_for(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    setup(args)
     config = config_for(args)
 
     # ---- training ------------------------------------------------------------------------------
@@ -82,10 +66,9 @@ def main(argv=None):
     model = trainer.model.eval()
 
     # ---- evaluation ----------------------------------------------------------------------------
-    x, y = get_dataset(config.dataset, "test", config.data_root).tensors
-    num = args.num_test or (200 if args.quick else len(y))
-    idx = torch.linspace(0, len(y) - 1, min(num, len(y))).round().long()  # evenly spaced (class-balanced)
-    x, y = x[idx].to(args.device), y[idx].to(args.device)
+    test = get_dataset(config.dataset, "test", config.data_root)
+    x, y = evenly_spaced(test, args.num_test or (200 if args.quick else len(test)))  # class-balanced
+    x, y = x.to(args.device), y.to(args.device)
     clean = 100 * float((predict(model, x) == y).float().mean())
     pgd, ibp, seconds = [], [], 0.0
     for eps in args.eps:
