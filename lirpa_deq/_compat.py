@@ -272,5 +272,14 @@ def apply():
     apply.done = True
 
 
+# ------------------------------------------------------------------------------ operator classes
+def bound_classes(*names):
+    """The auto_LiRPA operator classes of these names that the installed version has, as a tuple
+    for ``isinstance`` (versions add and rename operators; a missing name is simply left out)."""
+    import auto_LiRPA.operators as ops
+
+    return tuple(cls for cls in (getattr(ops, name, None) for name in names) if isinstance(cls, type))
+
+
 ALL_SHIMS = [s.shim_name for s in PRE_IMPORT + POST_IMPORT]
 apply()

@@ -118,15 +118,14 @@ def adjoint_bound_at(nu, g, op, relax, box):
     return A_u, bias
 
 
-def deq_bound_backward(node, last_lA, last_uA, *x, **kwargs):
-    """BoundDEQ.bound_backward: coefficients on the injection u and a bias (see module doc)."""
+def deq_bound_backward(node, last_lA, last_uA, u_box, params, num_params):
+    """BoundDEQ.bound_backward: coefficients on the injection u and a bias (see module doc).
+
+    u_box: the checked box (u_lo, u_hi) of u over the input region; params: name -> cell parameter;
+    num_params: how many parameter inputs the node has (they get no coefficients)."""
     from auto_LiRPA.patches import Patches
 
-    u_node, param_nodes = x[0], x[1:]
-    params = node.backward_params(param_nodes)
-    u_lo, u_hi = u_node.lower, u_node.upper
-    if u_lo is None or u_hi is None:
-        raise RuntimeError("bounds of the DEQ injection are missing (requires_input_bounds)")
+    u_lo, u_hi = u_box
     lo, hi = node.interval_box(u_lo, u_hi, params)
     with torch.no_grad():
         op = node.deq.cell.operator({k: v.detach() for k, v in params.items()})
@@ -170,7 +169,7 @@ def deq_bound_backward(node, last_lA, last_uA, *x, **kwargs):
 
     lA, lbias = one_side(last_lA, 1.0)
     uA, ubias = one_side(last_uA, -1.0)
-    return [(lA, uA)] + [(None, None)] * len(param_nodes), lbias, ubias
+    return [(lA, uA)] + [(None, None)] * num_params, lbias, ubias
 
 
 def dense_last_A(last_A, state_shape):

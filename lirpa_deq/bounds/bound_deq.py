@@ -14,11 +14,15 @@ Options: ``BoundedModule(..., bound_opts={'deq': {...}})`` with keys of
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import torch
 from auto_LiRPA.operators import Bound
 
 from .ball_box import monotone_ball_box
+from .generic.fingerprint import fingerprint, same_fingerprint
+from .injection import check_dtype, checked_box, injection_box
 from .interval import IntervalOptions, IntervalProofError, interval_step, prove_interval_fixed_point
 from .implicit import differentiable_interval_step
 from .node import lookup_layer, parameter_names
@@ -36,6 +40,11 @@ def deq_options(options):
                          f"{sorted(interval_keys | set(ADJOINT_KEYS))}")
     interval = IntervalOptions(**{k: v for k, v in raw.items() if k in interval_keys})
     adjoint = {k: v for k, v in raw.items() if k in ADJOINT_KEYS}
+    max_iter, tol = adjoint.get("adjoint_max_iter", 1), adjoint.get("adjoint_tol", 0.0)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+        raise ValueError(f"bound_opts['deq']['adjoint_max_iter'] must be an integer >= 1, got {max_iter!r}")
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
+        raise ValueError(f"bound_opts['deq']['adjoint_tol'] must be a finite real number >= 0, got {tol!r}")
     return interval, adjoint
 
 
@@ -75,7 +84,13 @@ class BoundDEQ(Bound):
         return dict(zip(names, values))
 
     def forward(self, u, *params):
+        check_dtype(u, params)
         return self.deq.solve(u, params=self._params(params))
+
+    def _input_box(self, u_lo, u_hi, params):
+        """The checked box of the injection u over the whole input region (lirpa_deq.bounds.injection)."""
+        u_lo, u_hi = injection_box(self.inputs[0], u_lo, u_hi)
+        return checked_box(u_lo, u_hi, params)
 
     # ------------------------------------------------------------------------------------ IBP
     def _check_params_unperturbed(self, intervals):
@@ -96,16 +111,20 @@ class BoundDEQ(Bound):
         # a SNAPSHOT (clones): in-place weight updates (optimizer.step) must invalidate the cache
         state = list(detached.values())
         deq = self.deq
-        if deq.generic:  # attributes, buffers and a declared contraction shape the box too
+        # attributes and buffers shape the operator too (cell.margin = ..., a declared contraction)
+        current = fingerprint(deq.cell)
+        if deq.generic:
             from .generic.bound import refresh_bounder
-            from .generic.fingerprint import fingerprint, same_fingerprint
-            current = fingerprint(deq.cell)  # Python / tensor attributes and buffers
-            if refresh_bounder(self, u_lo, u_hi) or not same_fingerprint(current, getattr(self, "_cell_fp", None)):
+            if refresh_bounder(self, u_lo, u_hi):
                 self._box_key = None
-            self._cell_fp = current
             declared = getattr(deq.cell, "lipschitz_z", None)
             declared = declared() if callable(declared) else declared  # (a callable's value: not in the fingerprint)
             state.append(torch.tensor(-1.0 if declared is None else float(declared)))
+        else:
+            state.append(torch.tensor(float(deq.cell.margin), dtype=torch.float64))
+        if not same_fingerprint(current, getattr(self, "_cell_fp", None)):
+            self._box_key = None
+        self._cell_fp = current
         key = (u_lo.clone(), u_hi.clone(), tuple(v.clone() for v in state))
         if self._box_key is not None and _same(self._box_key, key):
             return self.box
@@ -113,8 +132,7 @@ class BoundDEQ(Bound):
             from .generic.bound import generic_box
             with torch.no_grad():
                 lo, hi, info = generic_box(self, u_lo, u_hi, self._warm_start(u_lo, u_hi, detached))
-            self.box, self.box_info, self._box_key = (lo, hi), info, key
-            return lo, hi
+            return self._store(lo, hi, info, key)
         with torch.no_grad():
             op = deq.cell.operator(detached)
             op.prepare(tuple(u_lo.shape[1:]))
@@ -128,6 +146,16 @@ class BoundDEQ(Bound):
                     raise
                 lo, hi = monotone_ball_box(op, deq.cell.margin, u_lo, u_hi, z_mid)
                 info = {"box": "monotone-ball", "interval_error": str(err)}
+        return self._store(lo, hi, info, key)
+
+    def _store(self, lo, hi, info, key):
+        """Cache and return a proved box; a box with NaN / inf (overflow) is no proof and raises."""
+        if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            self._box_key = None
+            raise IntervalProofError(
+                f"the {info.get('box', 'proved')} box of the DEQ's fixed point is not finite (the cell's "
+                "weights or the input region are too large for floating point); use a smaller eps, "
+                "float64, or rescale the weights")
         self.box, self.box_info, self._box_key = (lo, hi), info, key
         return lo, hi
 
@@ -146,6 +174,7 @@ class BoundDEQ(Bound):
         (u_lo, u_hi), param_intervals = v[0], v[1:]
         self._check_params_unperturbed(param_intervals)
         params = self._params([p[0] for p in param_intervals])
+        u_lo, u_hi = self._input_box(u_lo, u_hi, params)
         lo, hi = self.interval_box(u_lo, u_hi, params)
         if self.deq.generic:
             from .generic.bound import generic_interval_step
@@ -171,17 +200,36 @@ class BoundDEQ(Bound):
     def bound_backward(self, last_lA, last_uA, *x, **kwargs):
         from .adjoint import deq_bound_backward  # the adjoint-DEQ (CROWN) bound
 
+        u_node, params = x[0], self.backward_params(x[1:])
+        if u_node.lower is None or u_node.upper is None:
+            raise RuntimeError("bounds of the DEQ injection are missing (requires_input_bounds)")
+        u_box = self._input_box(u_node.lower, u_node.upper, params)
+        _check_finite_A(last_lA, last_uA)
         if self.deq.generic:
             from .adjoint import dense_last_A
             from .generic.bound import generic_bound_backward
-            return generic_bound_backward(self, last_lA, last_uA, x[0], self.backward_params(x[1:]), dense_last_A)
-
-        return deq_bound_backward(self, last_lA, last_uA, *x, **kwargs)
+            out = generic_bound_backward(self, last_lA, last_uA, u_box, params, dense_last_A)
+        else:
+            out = deq_bound_backward(self, last_lA, last_uA, u_box, params, len(x) - 1)
+        for bias in out[1:]:
+            if isinstance(bias, torch.Tensor) and not bool(torch.isfinite(bias).all()):
+                raise IntervalProofError("the linear bound through the DEQ is not finite (overflow in the "
+                                         "adjoint iteration); use method='IBP', a smaller eps or float64")
+        return out
 
     def bound_forward(self, dim_in, *x):
         raise NotImplementedError(
             "forward-mode LiRPA through a DEQ node is not supported; use method='IBP', "
             "'CROWN', 'CROWN-IBP' or 'CROWN-Optimized'.")
+
+
+def _check_finite_A(*coefficients):
+    """NaN / inf in the specification C (or in the layers after the DEQ) make every bound NaN."""
+    for A in coefficients:
+        value = getattr(A, "patches", A)  # auto_LiRPA Patches keep their tensor in .patches
+        if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+            raise ValueError("the linear coefficients reaching the DEQ layer contain NaN or inf: check the "
+                             "specification matrix C and the weights of the layers after the DEQ")
 
 
 def deq_nodes(bounded) -> list:

@@ -23,6 +23,8 @@ for floating-point rounding. A box that cannot be proved is never returned:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import torch
 
@@ -59,16 +61,23 @@ class IntervalOptions:
     fallback: bool = True
 
     def __post_init__(self):
+        where = "bound_opts['deq'][{!r}]"
+        if not isinstance(self.solver, str):
+            raise TypeError(f"{where.format('solver')} must be a solver name (str), got {self.solver!r}")
         if requires_problem(get_solver(self.solver)):  # get_solver validates the name
-            raise ValueError(f"IntervalOptions.solver={self.solver!r} is a splitting solver for the point "
+            raise ValueError(f"{where.format('solver')}={self.solver!r} is a splitting solver for the point "
                              "DEQ; the interval system needs a generic one: 'anderson', 'broyden' or "
                              "'fixed_point_iter'")
         for name in ("tol", "inflate_rel", "inflate_abs"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"IntervalOptions.{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("max_iter", "retries", "retry_iters", "tighten_steps"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"IntervalOptions.{name} must be >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 <= value < math.inf):
+                raise ValueError(f"{where.format(name)} must be a finite real number >= 0, got {value!r}")
+        for name, least in (("max_iter", 1), ("retries", 0), ("retry_iters", 0), ("tighten_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"{where.format(name)} must be an integer >= {least}, got {value!r}")
+        if not isinstance(self.fallback, bool):
+            raise TypeError(f"{where.format('fallback')} must be True or False, got {self.fallback!r}")
 
 
 def interval_step(op, lo, hi, u_lo, u_hi):

@@ -17,6 +17,8 @@ import weakref
 
 import torch
 
+from .injection import check_dtype
+
 OP_NAME = "custom::DEQFixedPoint"
 _REGISTRY: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
 _IDS = itertools.count(1)
@@ -73,6 +75,7 @@ def traced_deq(deq, u):
     """The DEQ call as it is recorded in a trace (see module docstring)."""
     key = register_layer(deq)
     params = [p for _, p in deq.cell.named_parameters()]
+    check_dtype(u, params)
     with _suspend_tracing(), torch.no_grad():
         z_star = deq.solve(u.detach())
     return DEQFixedPoint.apply(u, z_star, key, *params)

@@ -105,13 +105,12 @@ def generic_interval_step(node, box, x_lo, x_hi):
     return torch.maximum(a - slack, lo), torch.minimum(b + slack, hi)
 
 
-def generic_bound_backward(node, last_lA, last_uA, x_node, params, dense):
+def generic_bound_backward(node, last_lA, last_uA, x_box, params, dense):
     """Coefficients on the DEQ input x and biases (see lirpa_deq.bounds.generic.adjoint).
 
-    dense: converts a last_A (Tensor or Patches) to a dense (spec, B, *z_shape) tensor."""
-    x_lo, x_hi = x_node.lower, x_node.upper
-    if x_lo is None or x_hi is None:
-        raise RuntimeError("bounds of the DEQ input are missing (requires_input_bounds)")
+    x_box: the checked box (x_lo, x_hi) of the DEQ input over the input region; dense: converts a
+    last_A (Tensor or Patches) to a dense (spec, B, *z_shape) tensor."""
+    x_lo, x_hi = x_box
     lo, hi = node.interval_box(x_lo, x_hi, params)
     bounder = bounder_for(node, lo, x_lo)
     batch, z_shape, x_shape = lo.shape[0], lo.shape[1:], x_lo.shape[1:]

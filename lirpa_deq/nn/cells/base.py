@@ -10,6 +10,7 @@ methods are batched over the leading dimension.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -144,10 +145,26 @@ class ReLUAffineCell(nn.Module):
     """Base class of the cells. Subclasses set ``margin``, ``guarantee`` and implement
     ``_build_operator(p)`` (``p``: name -> tensor, same keys as ``named_parameters()``),
     ``_check(shape, tol)`` and ``_validate_state(shape)``.
+
+    ``margin`` is validated whenever it is set (also after construction, since the operator and
+    every bound read it): a finite real > 0, and whatever the subclass's ``_check_margin``
+    (a staticmethod returning the float) requires on top.
     """
 
-    margin: float
     guarantee: str
+    _check_margin = None  # optional stricter validator of the margin, set by subclasses
+
+    @property
+    def margin(self) -> float:
+        return self._margin
+
+    @margin.setter
+    def margin(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not value > 0:
+            raise ValueError(f"{type(self).__name__}.margin must be a finite number > 0, got {value!r}")
+        check = type(self)._check_margin
+        self._margin = float(check(value) if check is not None else value)
 
     def operator(self, params: dict | None = None) -> WeightOperator:
         """``W`` as a :class:`WeightOperator`.

@@ -27,7 +27,7 @@ DIAG_EPS = 1e-8  # keeps D invertible when a row and column of M vanish
 
 
 def _check_m(m):
-    if not (isinstance(m, (int, float)) and 0 < m < 1):
+    if isinstance(m, bool) or not (isinstance(m, (int, float)) and 0 < m < 1):
         raise ValueError(f"IBP-MonDEQ margin m must be in (0, 1), got {m!r}")
     return float(m)
 
@@ -45,6 +45,7 @@ class IBPMonLinear(ReLUAffineCell):
     ``s (n,)`` when ``similarity=True``. ``absW`` is exact."""
 
     guarantee = "interval-monotone"
+    _check_margin = staticmethod(_check_m)
 
     def __init__(self, n: int, m: float = 0.5, similarity: bool = False, *, device=None, dtype=None):
         super().__init__()
@@ -84,6 +85,7 @@ class IBPMonConv2d(ReLUAffineCell):
     at hand. ``s (C,)`` when ``similarity=True``. ``absW`` is exact."""
 
     guarantee = "interval-monotone"
+    _check_margin = staticmethod(_check_m)
 
     def __init__(self, channels: int, m: float = 0.5, similarity: bool = False, *,
                  device=None, dtype=None):

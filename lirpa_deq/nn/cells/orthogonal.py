@@ -37,6 +37,7 @@ class OrthoLinear(ReLUAffineCell):
     ``absW`` is exact."""
 
     guarantee = "contraction"
+    _check_margin = staticmethod(_check_margin)
 
     def __init__(self, n: int, margin: float = 0.1, *, device=None, dtype=None):
         super().__init__()
@@ -66,6 +67,7 @@ class OrthoConv2d(ReLUAffineCell):
     kernel ``K (C, C, 3, 3)``. ``absW`` is exact."""
 
     guarantee = "contraction"
+    _check_margin = staticmethod(_check_margin)
 
     def __init__(self, channels: int, margin: float = 0.1, *, device=None, dtype=None):
         super().__init__()
