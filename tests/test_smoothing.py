@@ -126,3 +126,41 @@ def test_radius_formula():
     res = smooth.certify_detailed(torch.zeros(2), 10, 1000, 0.01, 500, seed=0)
     assert res.count == 1000 and res.p_lower == pytest.approx(0.01 ** (1 / 1000))
     assert res.radius == pytest.approx(0.7 * norm.ppf(res.p_lower)) and math.isfinite(res.radius)
+
+
+# ------------------------------------------------------------------------------------ issue #14
+def test_nan_input_is_refused_not_certified():
+    """Before: the argmax of NaN logits is class 0 for every sample, so a NaN input was 'certified'
+    as class 0 with radius ~0.42 (sigma 0.25, n 100)."""
+    from lirpa_deq.smoothing import SerializedSmooth
+
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    x = torch.full((1, 8, 8), float("nan"))
+    msg = "x contains 64 NaN and 0 infinite values: nothing can be certified about them; clean or drop those inputs"
+    for sm in (Smooth(linear, 10, 0.25, input_shape=(1, 8, 8)),
+               SerializedSmooth(Threshold(0.0), 3, 0.25, fast_model=Threshold(0.0), audit_size=10)):
+        for call in (lambda: sm.certify(x, 10, 100, 0.01, seed=0), lambda: sm.predict(x, 100, 0.01, seed=0)):
+            with pytest.raises(ValueError) as info:
+                call()
+            assert str(info.value) == msg
+    with pytest.raises(ValueError, match="x contains 0 NaN and 1 infinite values"):
+        Smooth(Threshold(0.0), 3, 1.0).certify(torch.tensor([0.0, float("inf")]), 5, 10, 0.1)
+
+
+def test_input_dtype_and_device_must_match_the_model():
+    linear = torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError) as info:
+        Smooth(linear, 3, 0.5).certify(torch.zeros(4, dtype=torch.float64), 5, 10, 0.1, seed=0)
+    assert str(info.value) == "x is float64 but the model's parameters are float32; use x.float() or model.double()"
+    c, r = Smooth(linear.double(), 3, 0.5).certify(torch.zeros(4, dtype=torch.float64), 5, 10, 0.1, seed=0)
+    assert c in (0, 1, 2, ABSTAIN) and r >= 0
+
+
+def test_swapped_sample_sizes_message():
+    with pytest.raises(ValueError) as info:
+        Smooth(Threshold(0.0), 3, 1.0).certify(torch.zeros(3), n0=100, n=10, alpha=0.1)
+    assert str(info.value).startswith("n (estimation samples, 10) must be >= n0 (selection samples, 100)")
+    with pytest.raises(ValueError, match="sigma must be a positive finite number, got inf"):
+        Smooth(Threshold(0.0), 3, float("inf"))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 2.0"):
+        Smooth(Threshold(0.0), 3, 1.0).predict(torch.zeros(3), 10, 0.1, batch_size=2.0)

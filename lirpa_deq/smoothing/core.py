@@ -17,6 +17,12 @@ Inputs: ``x`` is ONE input without batch dimension (shape ``input_shape``); pass
 ``input_shape=`` to the constructor to also accept ``(1, *input_shape)`` and to have other shapes
 rejected.  Noise is drawn on ``x.device`` with ``x.dtype``; reproducible with ``seed`` or a
 ``torch.Generator`` living on ``x.device``.
+
+Validation (before any sample is drawn; ValueError with one line, helpers shared with training and
+the CLI in ``lirpa_deq.training.validate``): ``sigma`` finite and > 0; ``n0``, ``n``, ``batch_size``
+positive integers with ``n >= n0``; ``alpha`` in (0, 1); ``x`` a non-empty floating tensor with no
+NaN / inf (a NaN input used to be "certified": the argmax of NaN logits is a constant class) and,
+for an ``nn.Module`` model, of its parameters' dtype and device.
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
+from ..training.validate import (check_alpha, check_finite, check_matches_model, check_positive_int,  # noqa: F401
+                                 check_sample_sizes, check_sigma)
 from .stats import binom_two_sided_p, cp_lower
 
 ABSTAIN = -1
@@ -47,23 +55,6 @@ class CertifyResult:
 
     def as_tuple(self) -> Tuple[int, float]:
         return self.prediction, self.radius
-
-
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_alpha(alpha) -> float:
-    try:
-        a = float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}") from None
-    if not (0.0 < a < 1.0):
-        raise ValueError(f"alpha must be in the open interval (0, 1), got {alpha!r} "
-                         "(it is the failure probability, e.g. 0.001)")
-    return a
 
 
 def make_generator(x: torch.Tensor, seed: Optional[int], generator: Optional[torch.Generator]):
@@ -112,13 +103,7 @@ class Smooth:
         self.num_classes = check_positive_int("num_classes", num_classes)
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        try:
-            sigma = float(sigma)
-        except (TypeError, ValueError):
-            raise ValueError(f"sigma must be a positive number, got {sigma!r}") from None
-        if not (sigma > 0.0 and math.isfinite(sigma)):
-            raise ValueError(f"sigma must be a positive finite number, got {sigma!r} "
-                             "(sigma = 0 would be the undefended classifier)")
+        sigma = check_sigma(sigma)
         self.model = model
         self.sigma = sigma
         self.input_shape = tuple(input_shape) if input_shape is not None else None
@@ -137,7 +122,8 @@ class Smooth:
             elif tuple(x.shape) != self.input_shape:
                 raise ValueError(f"x must be a single input of shape {self.input_shape} (or "
                                  f"(1, *{self.input_shape})), got {tuple(x.shape)}; smooth one input at a time")
-        return x
+        check_finite(x, "x")  # a NaN input was 'certified' (argmax of NaN logits is a constant class)
+        return check_matches_model(x, self.model, "x")
 
     def _labels(self, model, batch: torch.Tensor) -> torch.Tensor:
         logits = model(batch)
@@ -179,12 +165,7 @@ class Smooth:
         return int(top2[0])
 
     def _validate_certify(self, x, n0, n, alpha, batch_size):
-        n0 = check_positive_int("n0", n0)
-        n = check_positive_int("n", n)
-        if n < n0:
-            raise ValueError(f"n (estimation samples, {n}) must be >= n0 (selection samples, {n0}): "
-                             "n0 only picks the candidate class and n gives the certificate; "
-                             "did you swap them? Typical values: n0=100, n=10000..100000")
+        n0, n = check_sample_sizes(n0, n)
         return self._single_input(x), n0, n, check_alpha(alpha), check_positive_int("batch_size", batch_size)
 
     @staticmethod

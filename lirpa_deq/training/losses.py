@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
 
+from .validate import (BOUND_METHODS, check_clip, check_eps, check_labels, check_method, check_norm,
+                       check_num_classes, check_unit, check_x)
+
 METHODS = ("natural", "ibp", "crown-ibp")
 
 #: Extra interval options for the DEQ node (``bound_opts['deq']``) used by training and
@@ -88,9 +91,21 @@ def margin_lower_bounds(bounded, x, labels, eps, method="IBP", num_classes=10, n
                         clip=(0.0, 1.0), beta=1.0):
     """Lower bounds (B, K-1) on the margins f_y - f_j over the perturbation set.
 
-    method: 'IBP', 'CROWN', 'CROWN-IBP' (mixed with IBP by ``beta``), 'CROWN-Optimized'. For
-    'CROWN' and 'CROWN-Optimized' the result is the elementwise max with the IBP bound (both are
-    sound, so the max is too: never worse than IBP). Differentiable for 'IBP' / 'CROWN-IBP'."""
+    x (B, *input_shape) of the dtype / device of ``bounded``'s parameters, inside ``clip``; labels
+    (B,) integers in [0, num_classes); eps a finite real >= 0; method: 'IBP', 'CROWN', 'CROWN-IBP'
+    (mixed with IBP by ``beta`` in [0, 1]), 'CROWN-Optimized' (any case). Every argument is
+    validated first (ValueError saying what is wrong, see ``validate``). For 'CROWN' and
+    'CROWN-Optimized' the result is the elementwise max with the IBP bound (both are sound, so the
+    max is too: never worse than IBP). Differentiable for 'IBP' / 'CROWN-IBP'."""
+    eps, method, norm, clip = check_eps(eps), check_method(method, BOUND_METHODS), check_norm(norm), check_clip(clip)
+    num_classes, beta = check_num_classes(num_classes), check_unit("beta", beta)
+    x = check_x(x, bounded, clip)
+    labels = check_labels(labels, len(x), num_classes, x.device, name="labels")
+    return _margin_lower_bounds(bounded, x, labels, eps, method, num_classes, norm, clip, beta)
+
+
+def _margin_lower_bounds(bounded, x, labels, eps, method, num_classes, norm, clip, beta=1.0):
+    """:func:`margin_lower_bounds` on VALIDATED arguments (``method`` a canonical BOUND_METHODS name)."""
     C = margin_spec(labels, num_classes)
     bx = BoundedTensor(x, perturbation(x, eps, norm, clip))
     m = method.upper()
@@ -102,10 +117,8 @@ def margin_lower_bounds(bounded, x, labels, eps, method="IBP", num_classes=10, n
             return ilb
         clb, _ = bounded.compute_bounds(C=C, IBP=False, method="backward", bound_upper=False)
         return beta * clb + (1 - beta) * ilb
-    if m in ("CROWN", "CROWN-OPTIMIZED"):
-        clb, _ = bounded.compute_bounds(x=(bx,), C=C, method=method, bound_upper=False)
-        return torch.maximum(clb, ilb)
-    raise ValueError(f"unknown bound method {method!r}; valid: IBP, CROWN, CROWN-IBP, CROWN-Optimized")
+    clb, _ = bounded.compute_bounds(x=(bx,), C=C, method=method, bound_upper=False)
+    return torch.maximum(clb, ilb)
 
 
 def certified_loss(bounded, x, y, eps, method, kappa=1.0, beta=1.0, num_classes=10, norm=math.inf,
@@ -113,18 +126,22 @@ def certified_loss(bounded, x, y, eps, method, kappa=1.0, beta=1.0, num_classes=
     """One training loss. Returns (loss, stats) with stats = {'natural', 'robust', 'clean_acc',
     'verified'} (python floats; 'robust'/'verified' are None at eps = 0 or method 'natural').
 
-    The clean forward runs through ``bounded`` first (it also sets BN batch statistics for the
-    bounds in training mode). method: 'natural', 'ibp', 'crown-ibp'."""
-    if method not in METHODS:
-        raise ValueError(f"unknown training method {method!r}; valid: {', '.join(METHODS)}")
+    x (B, *input_shape) in ``clip``, y (B,) labels, eps a finite real >= 0, kappa / beta in [0, 1]:
+    validated first (ValueError). The clean forward runs through ``bounded`` first (it also sets BN
+    batch statistics for the bounds in training mode). method: 'natural', 'ibp', 'crown-ibp'."""
+    method = check_method(method, METHODS, "training method")
+    eps, norm, clip = check_eps(eps), check_norm(norm), check_clip(clip)
+    kappa, beta, num_classes = check_unit("kappa", kappa), check_unit("beta", beta), check_num_classes(num_classes)
+    x = check_x(x, bounded, clip)
+    y = check_labels(y, len(x), num_classes, x.device)
     logits = bounded(x)
     natural = F.cross_entropy(logits, y)
     stats = {"natural": float(natural.detach()), "clean_acc": float((logits.argmax(1) == y).float().mean()),
              "robust": None, "verified": None}
     if method == "natural" or eps <= 0 or kappa >= 1:
         return natural, stats
-    lb = margin_lower_bounds(bounded, x, y, eps, "IBP" if method == "ibp" else "CROWN-IBP", num_classes,
-                             norm, clip, beta=beta)
+    lb = _margin_lower_bounds(bounded, x, y, eps, "IBP" if method == "ibp" else "CROWN-IBP", num_classes,
+                              norm, clip, beta=beta)
     robust = robust_ce(lb)
     stats["robust"] = float(robust.detach())
     stats["verified"] = float((lb.detach().min(1).values > 0).float().mean())
