@@ -7,8 +7,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lirpa_deq.data import get_dataset
-from lirpa_deq.training import (CheckpointError, LinearRamp, SmoothedRamp, StepLR, TrainConfig, Trainer,
-                                load_checkpoint, margin_spec, model_from_checkpoint, robust_ce)
+from lirpa_deq.training import (CheckpointError, LinearRamp, RampFitWarning, SmoothedRamp, StepLR, TrainConfig,
+                                Trainer, certified_loss, load_checkpoint, margin_spec, model_from_checkpoint,
+                                robust_ce)
+from lirpa_deq.training.schedules import fit_ramp
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,7 @@ def test_resume_is_exact(digits, tmp_path, kw):
     assert straight.optimizer.state_dict()["state"][0]["step"] == resumed.optimizer.state_dict()["state"][0]["step"]
 
 
+@pytest.mark.filterwarnings("ignore::lirpa_deq.training.RampFitWarning")  # 1 epoch: the ramp is fitted
 @pytest.mark.parametrize("model", ["cnn3", "deq7"])  # deq7 also has a BatchNorm1d (traced in eval mode)
 def test_batchnorm_buffers_follow_training(digits, model):
     cfg = config(model=model, model_kwargs={"width": 2}, eps_train=0.05, epochs=1)
@@ -147,3 +150,101 @@ def test_num_train_takes_a_class_balanced_subset():
     """The embedded splits are ordered by class: a prefix of 400 images would hold only zeros."""
     trainer = Trainer(config(dataset="mnist5k", num_train=400), log=None)
     assert len(trainer.Y) == 400 and len(set(trainer.Y.tolist())) == 10
+
+
+# ------------------------------------------------------------------------------------ issue #14
+def test_fit_ramp():
+    assert fit_ramp(10, 50, 100, 10) == (10, 50, False)  # ends at step 60 <= 100 - 10: untouched
+    assert fit_ramp(10, 50, 60, 10) == (8, 42, True)     # 60 > 50: scaled by 50/60, ends at 50
+    assert fit_ramp(0, 0, 1, 10) == (0, 0, False)
+    assert fit_ramp(3, 9, 6, 10) == (0, 3, True)         # < 2 epochs: the second half at the final value
+    assert fit_ramp(3, 9, 1, 10) == (0, 0, True)         # one step: at the final value
+    w, r, fitted = fit_ramp(3, 15, 30, 3)
+    assert (w, r, fitted) == (3, 15, False)
+    with pytest.raises(ValueError):
+        fit_ramp(-1, 3, 10, 2)
+
+
+def test_short_run_fits_the_ramp_and_ends_at_eps_train(digits):
+    """epochs 2 < warm-up 1/3 + ramp 1 + last epoch: before, the last steps trained part-way up the ramp."""
+    cfg = config(epochs=2, eps_train=0.1)  # 3 steps/epoch: warm 1 + ramp 3 steps, total 6
+    with pytest.warns(RampFitWarning, match=r"shrunk to 0 \+ 3 steps so that the last 3 step\(s\) \(the last "
+                                             r"epoch\) train at eps_train=0.1"):
+        t = Trainer(cfg, train_set=digits, log=None)
+    assert t.ramp_steps == (0, 3) and t.ramp_note
+    assert [t.schedule(s)["eps"] for s in range(3, 6)] == [0.1] * 3 and t.schedule(1)["eps"] < 0.1
+    assert t.schedule(5)["kappa"] == cfg.kappa_final
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RampFitWarning)
+        long = Trainer(config(epochs=3), train_set=digits, log=None)  # 1 + 3 <= 9 - 3: no warning
+    assert long.ramp_steps == (1, 3) and long.ramp_note is None
+
+
+def test_resume_keeps_the_fitted_ramp(digits, tmp_path):
+    with pytest.warns(RampFitWarning):
+        t = Trainer(config(epochs=2), train_set=digits, log=None)
+    t.train(max_steps=4, progress=False)
+    t.save(tmp_path / "c.pt")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RampFitWarning)  # the saved (fitted) ramp fits the longer run
+        more = Trainer.resume(tmp_path / "c.pt", config=config(epochs=4), train_set=digits, log=None)
+    assert more.ramp_steps == (0, 3) and more.schedule(4)["eps"] == 0.1  # no drop back down the ramp
+    with pytest.warns(RampFitWarning):  # same short config: fitted again, and said again
+        same = Trainer.resume(tmp_path / "c.pt", train_set=digits, log=None)
+    assert same.ramp_steps == (0, 3)
+
+
+def test_nan_weights_never_saved_or_loaded(digits, tmp_path):
+    t = Trainer(config(), train_set=digits, log=None)
+    good = t.save(tmp_path / "c.pt")
+    before = open(good, "rb").read()
+    with torch.no_grad():
+        next(t.model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"has NaN / inf in .*\(at step 0; .*c.pt was not overwritten\)"):
+        t.save(tmp_path / "c.pt")
+    assert open(good, "rb").read() == before and os.listdir(tmp_path) == ["c.pt"]
+    data = load_checkpoint(good)  # a checkpoint written with NaN weights by someone else:
+    data["model_state"] = {k: v.clone() for k, v in data["model_state"].items()}
+    name = next(iter(data["model_state"]))
+    data["model_state"][name].view(-1)[0] = float("inf")
+    torch.save(data, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=f"nan.pt' has NaN / inf weights \\('{name}'\\): it cannot be "
+                                              "evaluated or resumed"):
+        load_checkpoint(tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match="NaN / inf weights"):
+        model_from_checkpoint(data)
+    with pytest.raises(CheckpointError, match="NaN / inf weights"):
+        Trainer.resume(tmp_path / "nan.pt", train_set=digits, log=None)
+
+
+def test_truncated_checkpoint_says_what_to_do(digits, tmp_path):
+    raw = open(Trainer(config(), train_set=digits, log=None).save(tmp_path / "c.pt"), "rb").read()
+    for cut in (10, len(raw) // 3, len(raw) - 10):
+        (tmp_path / "t.pt").write_bytes(raw[:cut])
+        with pytest.raises(CheckpointError, match=r"t.pt' is corrupt, truncated or not a torch file \(.*\); delete "
+                                                  r"it and train again, or use another checkpoint \(lirpa-deq train: "
+                                                  r"another --out\)"):
+            load_checkpoint(tmp_path / "t.pt")
+
+
+def test_training_input_validated(digits):
+    X, Y = digits.tensors
+    bad = [(TensorDataset(X.clone().fill_(float("nan")), Y), "the training images contains"),
+           (TensorDataset(X * 255, Y), "outside the data domain clip=(0.0, 1.0)"),
+           (TensorDataset(X.double(), Y), "the training images is float64 but the model's parameters are float32"),
+           (TensorDataset(X, Y + 10), "the training labels has labels in [10, 19], outside [0, 10)")]
+    for data, needle in bad:
+        with pytest.raises(ValueError) as info:
+            Trainer(config(), train_set=data, log=None)
+        assert needle in str(info.value)
+
+
+def test_certified_loss_refuses_negative_eps(digits):
+    t = Trainer(config(), train_set=digits, log=None)
+    x, y = t.batch(0)
+    with pytest.raises(ValueError, match="did you mean eps=0.1"):  # before: silently the natural loss
+        certified_loss(t.bounded, x, y, -0.1, "ibp", kappa=0.5)

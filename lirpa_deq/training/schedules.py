@@ -8,6 +8,8 @@ needs the step counter to resume them exactly).
 * :class:`LinearRamp` -- linear from ``initial`` to ``final`` over the same window (kappa, the
   natural-loss weight; beta, the CROWN-IBP / IBP mixing weight).
 * :class:`StepLR` -- learning rate ``lr * gamma ** (number of milestones <= step)``.
+* :func:`fit_ramp` -- shrinks a warm-up + ramp that would not end before the last epoch of the run
+  (so that the last epoch trains at the final value, not part-way up the ramp).
 
 Derivation of the smoothed ramp (s = step - warmup, L = length, s_m = mid * L, D = final -
 initial): polynomial p(s) = a s^beta on [0, s_m], line q(s) = p(s_m) + k (s - s_m) on [s_m, L]
@@ -87,3 +89,20 @@ class StepLR:
 
     def __call__(self, step: int) -> float:
         return float(self.lr * self.gamma ** bisect.bisect_right(sorted(self.milestones), step))
+
+
+def fit_ramp(warmup: int, length: int, total: int, steps_per_epoch: int):
+    """(warmup, length, fitted) in steps such that warm-up + ramp end by ``total - tail``, where
+    ``tail`` = one epoch (``steps_per_epoch``) for runs of >= 2 epochs, else half the run (at least
+    one step): the last epoch (half) then runs at the final value.
+
+    Unchanged (``fitted`` False) when they already end in time; otherwise both are scaled by the same
+    factor (the warm-up rounded down, the ramp taking the rest) and ``fitted`` is True."""
+    _check(warmup, length)
+    warmup, length, total, spe = int(warmup), int(length), int(total), max(1, int(steps_per_epoch))
+    tail = spe if total >= 2 * spe else max(1, total // 2)
+    end = max(0, total - tail)
+    if warmup + length <= end:
+        return warmup, length, False
+    new_warmup = int(warmup * end / (warmup + length))
+    return new_warmup, end - new_warmup, True

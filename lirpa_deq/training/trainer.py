@@ -8,6 +8,12 @@ optimizer state, the global step, the RNG states and the config, so training N s
 training k steps, checkpointing, resuming and training N - k steps give bit-identical parameters
 (on the same device and torch build; tested).
 
+Schedules that do not fit: a warm-up + eps ramp longer than the run (e.g. ``--epochs 3`` with the
+default 1 + 5 epochs) would end training part-way up the ramp (eps 0.005 instead of eps_train);
+they are shrunk by :func:`schedules.fit_ramp` so that the last epoch trains at ``eps_train``, with
+a :class:`RampFitWarning` (``Trainer.ramp_note`` holds its text). The fitted schedule is stored
+in checkpoints and kept on resume while it still fits the (possibly longer) run.
+
 Per step: clean forward through the BoundedModule (shared parameters), bounds at the scheduled
 eps, loss ``kappa * natural + (1 - kappa) * robust`` (see ``losses``), Adam with the scheduled LR,
 gradient-norm clipping, then the BoundedModule's buffers (BN statistics) are copied into the model.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -25,14 +32,21 @@ from ..models import build_model
 from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .config import TrainConfig
 from .losses import certified_loss, make_bounded, sync_buffers
-from .schedules import LinearRamp, SmoothedRamp, StepLR
+from .schedules import LinearRamp, SmoothedRamp, StepLR, fit_ramp
+from .validate import check_finite_params, check_labels, check_x
+
+
+class RampFitWarning(UserWarning):
+    """The warm-up + eps ramp was longer than the run and has been shrunk to fit it."""
 
 
 class Trainer:
     """Train ``config.model`` on ``config.dataset`` with ``config.method``.
 
     train_set: optional TensorDataset (images (N, C, H, W) in [0, 1], labels (N,)) instead of
-    loading ``config.dataset``'s training split (tests). device: where the model and batches live.
+    loading ``config.dataset``'s training split (tests); checked like the loaded split (finite, in
+    [0, 1], float32, integer labels in [0, num_classes): ValueError otherwise). device: where the
+    model and batches live.
     """
 
     def __init__(self, config: TrainConfig, device="cpu", train_set=None, log: Optional[Callable] = print):
@@ -49,17 +63,37 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, self.input_shape, self.num_classes, **config.model_kwargs)
         self.model.to(self.device).train()
+        check_x(X, self.model, clip=(0.0, 1.0), name="the training images", device=False)
+        check_labels(Y, len(X), self.num_classes, name="the training labels")
         self.bounded = make_bounded(self.model, X[:1].to(self.device))
         self.bounded.train()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.step = 0
         self.metrics = {"train_seconds": 0.0, "train_cpu_seconds": 0.0}
         spe = self.steps_per_epoch
+        self.ramp_note = None
         warm, ramp = round(config.warmup_epochs * spe), round(config.ramp_epochs * spe)
-        self.eps_schedule = SmoothedRamp(config.eps_train, warm, ramp, mid=config.ramp_mid, beta=config.ramp_beta)
-        self.kappa_schedule = LinearRamp(1.0, config.kappa_final, warm, ramp)
-        self.beta_schedule = LinearRamp(config.beta_start, config.beta_final, warm, ramp)
+        fit_warm, fit_ramp_steps, fitted = fit_ramp(warm, ramp, self.total_steps, spe)
+        if fitted:
+            tail = self.total_steps - fit_warm - fit_ramp_steps
+            self.ramp_note = (f"the warm-up + eps ramp ({config.warmup_epochs:g} + {config.ramp_epochs:g} epochs = "
+                              f"{warm + ramp} steps) does not end before the last epoch of this {config.epochs:g}-epoch "
+                              f"run ({self.total_steps} steps): shrunk to {fit_warm} + {fit_ramp_steps} steps so that "
+                              f"the last {tail} step(s){' (the last epoch)' if tail == spe else ''} train at "
+                              f"eps_train={config.eps_train:g}; raise epochs or shorten ramp_epochs / warmup_epochs "
+                              "(--epochs, --ramp-epochs, --warmup-epochs) to choose yourself")
+            if not getattr(self, "_resuming", False):  # resume() decides after reading the checkpoint
+                warnings.warn(self.ramp_note, RampFitWarning, stacklevel=2)
+        self._set_schedules(fit_warm, fit_ramp_steps)
         self.lr_schedule = StepLR(config.lr, [round(m * spe) for m in config.lr_milestones], config.lr_gamma)
+
+    def _set_schedules(self, warm: int, ramp: int) -> None:
+        """eps / kappa / beta schedules with a warm-up of ``warm`` and a ramp of ``ramp`` steps."""
+        cfg = self.config
+        self.ramp_steps = (int(warm), int(ramp))
+        self.eps_schedule = SmoothedRamp(cfg.eps_train, warm, ramp, mid=cfg.ramp_mid, beta=cfg.ramp_beta)
+        self.kappa_schedule = LinearRamp(1.0, cfg.kappa_final, warm, ramp)
+        self.beta_schedule = LinearRamp(cfg.beta_start, cfg.beta_final, warm, ramp)
 
     # ---------------------------------------------------------------------------- bookkeeping
     @property
@@ -150,11 +184,17 @@ class Trainer:
                 "input_shape": list(self.input_shape), "num_classes": self.num_classes}
 
     def save(self, path) -> str:
-        """Atomic checkpoint of everything needed to resume exactly."""
+        """Atomic checkpoint of everything needed to resume exactly. FloatingPointError (and the
+        previous checkpoint kept) if the weights hold NaN / inf."""
+        try:
+            check_finite_params(self.model, "the model being trained")
+        except ValueError as exc:
+            raise FloatingPointError(f"{exc} (at step {self.step}; {path} was not overwritten)") from None
         return save_checkpoint(path, {
             "config": self.config.to_dict(), "model": self.model_spec(), "model_state": self.model.state_dict(),
             "optimizer_state": self.optimizer.state_dict(), "step": self.step, "rng": rng_state(),
-            "metrics": dict(self.metrics, total_steps=self.total_steps)})
+            "metrics": dict(self.metrics, total_steps=self.total_steps),
+            "schedule": {"warmup_steps": self.ramp_steps[0], "ramp_steps": self.ramp_steps[1]}})
 
     @classmethod
     def resume(cls, path, config: Optional[TrainConfig] = None, device="cpu", train_set=None, log=print):
@@ -176,7 +216,10 @@ class Trainer:
                                   + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
         if "optimizer_state" not in data or "rng" not in data:
             raise CheckpointError(f"checkpoint {str(path)!r} has no optimizer/RNG state: it cannot be resumed")
-        trainer = cls(config, device=device, train_set=train_set, log=log)
+        trainer = cls.__new__(cls)
+        trainer._resuming = True
+        trainer.__init__(config, device=device, train_set=train_set, log=log)
+        trainer._resume_schedule(data.get("schedule"))
         if data["model"] != trainer.model_spec():
             raise CheckpointError(f"checkpoint {str(path)!r} holds model {data['model']}, this run builds "
                                   f"{trainer.model_spec()}")
@@ -191,6 +234,20 @@ class Trainer:
         trainer.metrics.update(data.get("metrics", {}))
         set_rng_state(data["rng"])
         return trainer
+
+
+    def _resume_schedule(self, saved) -> None:
+        """Keep the checkpoint's (possibly fitted) warm-up / ramp while it still ends before the last
+        epoch of this run (the steps already done followed it); else keep this run's own schedule
+        and warn if that one had to be fitted."""
+        self._resuming = False
+        if saved:
+            warm, ramp = int(saved["warmup_steps"]), int(saved["ramp_steps"])
+            if (warm, ramp) != self.ramp_steps and not fit_ramp(warm, ramp, self.total_steps, self.steps_per_epoch)[2]:
+                self._set_schedules(warm, ramp)
+                self.ramp_note = None
+        if self.ramp_note is not None:
+            warnings.warn(self.ramp_note, RampFitWarning, stacklevel=3)
 
 
 class _Running:
@@ -222,4 +279,4 @@ def _progress(start, end, enabled):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=False)
+    return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=False, disable=None)
