@@ -202,3 +202,81 @@ def test_subcommand_help(sub, flags, capsys):
     assert rc == 0 and out.startswith(f"usage: lirpa-deq {sub}")
     for f in flags:
         assert f in out
+
+
+# ------------------------------------------------------------------------------------ issue #14
+def _no_work_done(out):
+    assert "clean accuracy" not in out and "training " not in out and "epoch" not in out, out
+
+
+def test_unwritable_outputs_fail_before_the_work(trained, tmp_path, capsys):
+    """Before: the work ran to the end and the results were lost with a traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    cases = [
+        (["certify", str(trained), "--num", "4", "--json", str(afile / "cert.jsonl"), "--no-progress"],
+         f"--json '{afile / 'cert.jsonl'}' cannot be written: its directory '{afile}' is not writable"),
+        (["certify", str(trained), "--num", "4", "--json", str(tmp_path), "--no-progress"], "is a directory"),
+        (TRAIN + ["--out", str(afile / "run")], f"--out '{afile / 'run'}' is not a writable directory"),
+        (TRAIN + ["--out", str(afile)], f"--out '{afile}' is not a writable directory (File exists)"),
+        (["demo", "--out", str(afile), "--epochs", "0.02", "--num-test", "4", "--no-progress"],
+         "is not a writable directory"),
+    ]
+    for argv, needle in cases:
+        rc, out, err = run(argv, capsys)
+        _one_line_error(rc, err, needle)
+        _no_work_done(out)
+    assert afile.read_text() == "not a directory"
+
+
+def test_json_written_atomically_and_replaces(trained, tmp_path, capsys):
+    js = tmp_path / "sub" / "cert.jsonl"  # the directory is created
+    argv = ["certify", str(trained), "--num", "3", "--eps", "0.01", "--method", "ibp", "--pgd-steps", "2",
+            "--json", str(js), "--no-progress"]
+    for _ in range(2):
+        rc, _, err = run(argv, capsys)
+        assert rc == 0, err
+    assert os.listdir(js.parent) == ["cert.jsonl"]  # no temporary or probe file left
+    assert len(js.read_text().splitlines()) == 3 + 1
+
+
+def test_bad_checkpoints_refused_with_advice(trained, tmp_path, capsys):
+    raw = trained.read_bytes()
+    trunc = tmp_path / "run" / "checkpoint.pt"
+    trunc.parent.mkdir()
+    trunc.write_bytes(raw[: len(raw) // 2])
+    data = load_checkpoint(trained)
+    key = next(k for k, v in data["model_state"].items() if v.is_floating_point())
+    data["model_state"][key].view(-1)[0] = float("nan")
+    nan = tmp_path / "nan.pt"
+    torch.save(data, nan)
+    cases = [
+        (["certify", str(trunc), "--no-progress"], "is corrupt, truncated or not a torch file"),
+        (TRAIN + ["--out", str(trunc.parent), "--resume"], "delete it and train again, or use another checkpoint "
+                                                          "(lirpa-deq train: another --out)"),
+        (["certify", str(nan), "--no-progress"], f"has NaN / inf weights ('{key}'): it cannot be evaluated"),
+        (TRAIN + ["--out", str(tmp_path / "r2"), "--resume", str(nan)], "NaN / inf weights"),
+    ]
+    for argv, needle in cases:
+        rc, out, err = run(argv, capsys)
+        _one_line_error(rc, err, needle)
+        _no_work_done(out)
+
+
+def test_smoothing_sample_sizes_checked_up_front(trained, capsys):
+    rc, out, err = run(["certify", str(trained), "--num", "4", "--method", "ibp", "smoothing", "--n", "10",
+                        "--n0", "100", "--no-progress"], capsys)
+    _one_line_error(rc, err, "n (estimation samples, 10) must be >= n0 (selection samples, 100)")
+    _no_work_done(out)
+
+
+def test_short_training_fits_the_ramp(tmp_path, capsys):
+    """Before: --epochs 2 with the default 1 + 5-epoch ramp ended at eps 0.005, silently."""
+    argv = ["train", "--dataset", "digits", "--model", "fc-deq", "--width", "8", "--num-train", "128",
+            "--batch-size", "64", "--epochs", "2", "--eps-train", "0.05", "--no-progress", "--out", str(tmp_path)]
+    rc, out, err = run(argv, capsys)
+    assert rc == 0, err
+    warning = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "shrunk to 0 + 2 steps" in warning[0] and "eps_train=0.05" in warning[0]
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and "eps=0.050" in epochs[-1], out  # the last epoch trains at --eps-train

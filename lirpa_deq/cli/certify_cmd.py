@@ -3,6 +3,11 @@
 :func:`evaluate` is shared with ``demo``: clean accuracy, PGD accuracy, every requested method at
 every eps, per-sample records and a JSON-serialisable summary. Any point that is certified but
 broken by PGD is counted in ``summary['certified_but_attacked']`` (must be 0: a soundness check).
+
+Before any work: every eps is a finite real >= 0, the methods are known and available, x / y are
+a finite batch of the model's dtype inside [0, 1] with labels (N,) in [0, num_classes), the
+smoothing sample sizes satisfy n >= n0, and ``--json PATH`` is writable (``training.validate``);
+the JSON is written atomically.
 """
 from __future__ import annotations
 
@@ -12,15 +17,18 @@ import torch
 
 from ..data import dataset_info, get_dataset
 from ..training import load_checkpoint, make_bounded, model_from_checkpoint, pgd_robust, predict
+from ..training.validate import (check_eps, check_finite_params, check_labels, check_sample_sizes, check_x,
+                                 check_writable_file)
 from . import methods as M
 from .report import finite, format_table, write_json_lines
 
 
 def evaluate(model, x, y, eps_list, methods, num_classes=10, batch_size=250, pgd_steps=20, pgd_restarts=1,
-             smoothing=None, indices=None, log=print, dataset="", all_points=False, subsets=None):
+             smoothing=None, indices=None, log=print, dataset="", all_points=False, subsets=None, progress=False):
     """Run everything; returns (summary, records).
 
-    x (N, *input_shape), y (N,); methods: subset of ``methods.METHODS`` (an unavailable
+    x (N, *input_shape) finite, in [0, 1], of the model's dtype; y (N,) labels in [0, num_classes);
+    eps_list finite reals >= 0 (all validated first: ValueError); methods: subset of ``methods.METHODS`` (an unavailable
     'lipschitz' is reported as n/a instead of failing). smoothing: dict(sigma, n, n0, alpha,
     srs_steps, radii, num, batch_size) used when 'smoothing' is in methods. subsets: optional
     {method: number of images} to run a (slow) bound method on evenly spaced images only; its
@@ -30,8 +38,16 @@ def evaluate(model, x, y, eps_list, methods, num_classes=10, batch_size=250, pgd
     and Lipschitz only on points PGD did not break: the certified sets are the same (a broken point
     cannot be certified soundly; CROWN is intersected with IBP), only the cost differs. Skipped
     points get the IBP margin (CROWN) or NaN (Lipschitz). ``summary['methods'][m]['evaluated']``
-    counts the (image, eps) pairs a method actually ran on."""
+    counts the (image, eps) pairs a method actually ran on. ``progress``: tqdm bars for the PGD
+    pass (shown only on a TTY)."""
+    eps_list = [check_eps(e, "eps") for e in eps_list]
+    M.check_available(methods)
+    if smoothing and "smoothing" in methods:
+        check_sample_sizes(smoothing["n0"], smoothing["n"])
     model.eval()
+    check_finite_params(model)
+    x = check_x(x, model, clip=(0.0, 1.0))
+    y = check_labels(y, len(x), num_classes, x.device)
     indices = list(range(len(x))) if indices is None else list(indices)
     t0 = time.time()
     pred = predict(model, x)
@@ -41,7 +57,8 @@ def evaluate(model, x, y, eps_list, methods, num_classes=10, batch_size=250, pgd
     pgd = None
     if pgd_steps > 0:
         t0 = time.time()
-        pgd = [pgd_robust(model, x, y, e, steps=pgd_steps, restarts=pgd_restarts).cpu() for e in eps_list]
+        pgd = [pgd_robust(model, x, y, e, steps=pgd_steps, restarts=pgd_restarts, progress=progress).cpu()
+               for e in eps_list]
         summary["pgd_accuracy"] = [float(p.float().mean()) for p in pgd]
         summary["pgd_seconds_per_image"] = (time.time() - t0) / max(1, len(x) * len(eps_list))
         summary["pgd"] = {"steps": pgd_steps, "restarts": pgd_restarts}
@@ -181,12 +198,16 @@ def spread(total, num):
 
 def run_certify(args, log=print):
     """The ``certify`` subcommand (args from ``main.build_parser``). Returns the exit code."""
+    if args.json and args.json != "-":
+        check_writable_file(args.json, "--json")  # before the work, whose results it would lose
+    methods = list(dict.fromkeys(args.method))
+    M.check_available(methods)
+    if "smoothing" in methods:
+        check_sample_sizes(args.n0, args.n)
     data = load_checkpoint(args.checkpoint, map_location=args.device)
     model = model_from_checkpoint(data, device=args.device)
     cfg = data["config"]
     dataset = args.dataset or cfg.get("dataset", "mnist5k")
-    methods = list(dict.fromkeys(args.method))
-    M.check_available(methods)
     root = args.data_root or cfg.get("data_root")
     if dataset_info(dataset).needs_root and not root:
         raise ValueError(f"dataset {dataset!r} is read from local files: pass --data-root DIR")
@@ -206,7 +227,7 @@ def run_certify(args, log=print):
     summary, records = evaluate(model, x, y, args.eps, methods, num_classes=data["model"]["num_classes"],
                                 batch_size=args.batch_size, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts,
                                 smoothing=smoothing, indices=sel.tolist(), log=log, dataset=dataset,
-                                all_points=args.all_points, subsets=subsets)
+                                all_points=args.all_points, subsets=subsets, progress=not args.no_progress)
     summary.update(checkpoint=str(args.checkpoint), split=args.split, model=data["model"])
     table = format_table(summary)
     if args.json == "-":

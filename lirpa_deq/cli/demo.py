@@ -10,6 +10,9 @@
    an evenly spaced subset, it is the slowest) and randomized smoothing on a subset
    (probabilistic, l2; converted to l_inf), against PGD accuracy.
 3. Print ONE table; write ``OUT/results.json`` (numbers, config, timings) and ``OUT/certified.png``.
+
+``--out`` is checked writable before training starts; the checkpoint, JSON and PNG are written
+atomically.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from ..data import get_dataset
 from ..training import Trainer, TrainConfig, load_checkpoint, model_from_checkpoint
 from ..training.checkpoint import CheckpointError
+from ..training.validate import check_writable_dir
 from .certify_cmd import evaluate, spread
 from .report import format_table, plot, write_json
 
@@ -63,6 +67,8 @@ def _load_or_train(config, path, retrain, device, progress, log):
     if os.path.exists(path):
         os.unlink(path)
     trainer = Trainer(config, device=device, log=log)
+    if trainer.ramp_note:
+        log(f"warning: {trainer.ramp_note}")
     log(f"training {config.model} {config.model_kwargs} with {config.method} at eps_train={config.eps_train}: "
         f"{trainer.total_steps} steps of {config.batch_size} digits ({config.epochs:g} epochs)")
     trainer.train(checkpoint_path=path, progress=progress)
@@ -71,7 +77,7 @@ def _load_or_train(config, path, retrain, device, progress, log):
 
 def run_demo(args, log=print):
     t_start, c_start = time.time(), _cpu_seconds()
-    os.makedirs(args.out, exist_ok=True)
+    check_writable_dir(args.out, "--out")  # before training: the results must have somewhere to go
     config = RECIPE if args.epochs is None else dataclasses.replace(RECIPE, epochs=args.epochs)
     config = dataclasses.replace(config, seed=args.seed)
     test = get_dataset("mnist5k", "test")
@@ -93,7 +99,7 @@ def run_demo(args, log=print):
     eps = list(args.eps) if args.eps else list(EPS)
     summary, _ = evaluate(model, x, y, eps, methods, batch_size=250, pgd_steps=20, pgd_restarts=1,
                           smoothing=smoothing, indices=sel.tolist(), log=log, subsets={"lipschitz": lip_num},
-                          dataset="mnist5k (embedded), test split")
+                          dataset="mnist5k (embedded), test split", progress=not args.no_progress)
     t_end, c_end = time.time(), _cpu_seconds()
     summary["timing"] = {
         "total_seconds": t_end - t_start, "total_cpu_seconds": c_end - c_start,

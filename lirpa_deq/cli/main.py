@@ -1,8 +1,10 @@
 """Argument parsing and error handling for ``lirpa-deq`` (subcommands: train, certify, demo).
 
-Errors the user can cause (unknown dataset / model / method, missing data root, negative eps,
-corrupt or mismatched checkpoint, ...) end with ONE line ``lirpa-deq: error: ...`` on stderr and
-exit status 2 -- never a traceback. ``LIRPA_DEQ_DEBUG=1`` re-raises them for debugging.
+Errors the user can cause (unknown dataset / model / method, missing data root, negative or NaN
+eps, n < n0, an unwritable --out / --json, a corrupt, truncated, NaN-weighted or mismatched
+checkpoint, ...) end with ONE line ``lirpa-deq: error: ...`` on stderr and exit status 2 -- never a
+traceback. They are checked before the work starts (``lirpa_deq.training.validate``), so a long run
+is not lost to a typo at its end. ``LIRPA_DEQ_DEBUG=1`` re-raises them for debugging.
 """
 from __future__ import annotations
 
@@ -215,8 +217,7 @@ def main(argv=None):
             from .demo import run_demo
 
             return run_demo(args, log=log_out)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError,
-            IntervalProofError, FloatingPointError) as exc:
+    except (ValueError, OSError, CheckpointError, IntervalProofError, FloatingPointError) as exc:
         if os.environ.get("LIRPA_DEQ_DEBUG"):
             raise
         print(_err(exc), file=sys.stderr)

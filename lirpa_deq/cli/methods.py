@@ -16,6 +16,7 @@ import time
 import torch
 
 from ..training.evaluate import certify_bounds
+from ..training.validate import check_clip, check_eps, check_labels, check_method, check_x
 
 BOUND_METHODS = ("ibp", "crown", "lipschitz")
 METHODS = BOUND_METHODS + ("smoothing",)
@@ -31,7 +32,9 @@ def lipschitz_status():
 
 
 def check_available(methods):
-    """ValueError (one line) for an unknown or unavailable method."""
+    """ValueError (one line) for an unknown or unavailable method, or an empty list."""
+    if not methods:
+        raise ValueError(f"no certification method given; valid: {', '.join(METHODS)}")
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown certification method {m!r}; valid: {', '.join(METHODS)}")
@@ -45,7 +48,13 @@ def certify_linf(model, x, y, eps, method, num_classes=10, batch_size=250, clip=
     """Certify the l_inf ball of radius eps (intersected with ``clip``) around each x.
 
     Returns a dict: 'certified' bool (B,), 'margin' (B,) margin lower bounds (float; NaN when the
-    method gives none), 'seconds' (wall time)."""
+    method gives none), 'seconds' (wall time). ValueError first for an unknown method (listing the
+    valid ones), an eps that is not a finite real >= 0, or x / y that ``validate.check_x`` /
+    ``check_labels`` refuse."""
+    method = check_method(method, BOUND_METHODS, "certification method")
+    eps, clip = check_eps(eps), check_clip(clip)
+    x = check_x(x, model, clip)
+    y = check_labels(y, len(x), num_classes, x.device)
     t0 = time.time()
     if method in ("ibp", "crown"):
         cert, margin = certify_bounds(model, x, y, eps, "IBP" if method == "ibp" else "CROWN",
@@ -59,8 +68,6 @@ def certify_linf(model, x, y, eps, method, num_classes=10, batch_size=250, clip=
             margins.append(m)
         cert, margin = torch.cat(certs), torch.cat(margins)
         return {"certified": cert, "margin": margin, "seconds": time.time() - t0, "errors": errors}
-    else:
-        raise ValueError(f"certify_linf: unknown method {method!r}")
     return {"certified": cert.cpu(), "margin": margin.detach().float().cpu(), "seconds": time.time() - t0}
 
 

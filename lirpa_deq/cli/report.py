@@ -1,14 +1,18 @@
 """Output of ``certify`` / ``demo``: the text table, JSON lines / JSON files and the PNG plot.
 
 The summary dict (built by ``certify_cmd.evaluate``) is JSON-serialisable; its lists are aligned
-with ``summary["eps"]``. See ``docs/cli.md`` for the field list.
+with ``summary["eps"]``. See ``docs/cli.md`` for the field list. Files are written atomically
+(``training.checkpoint.atomic_write``: a temporary file in the same directory, then ``os.replace``),
+so an interrupted run never leaves a truncated JSON / PNG behind.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import sys
+
+from ..training.checkpoint import atomic_write
 
 LABELS = {"ibp": "IBP", "crown": "CROWN (with IBP)", "lipschitz": "Lipschitz",
           "smoothing": "smoothing"}
@@ -68,22 +72,23 @@ def format_table(summary: dict) -> str:
 
 
 def write_json_lines(path, records, summary):
-    """Per-sample records then ``{"summary": summary}``, one JSON object per line; '-' = stdout."""
-    out = sys.stdout if path == "-" else open(path, "w")
-    try:
+    """Per-sample records then ``{"summary": summary}``, one JSON object per line; '-' = stdout,
+    else written atomically to ``path``."""
+
+    def write(out):
         for r in records:
             out.write(json.dumps(r) + "\n")
         out.write(json.dumps({"summary": summary}) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+
+    if path == "-":
+        write(sys.stdout)
+    else:
+        atomic_write(path, write, mode="w")
 
 
 def write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """``obj`` as indented JSON, written atomically to ``path``."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode="w")
 
 
 def plot(summary: dict, path: str, title: str = "") -> str:
@@ -111,9 +116,10 @@ def plot(summary: dict, path: str, title: str = "") -> str:
     ax.legend(fontsize=8)
     ax.set_title(title or f"certified accuracy, {summary.get('dataset', '')}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format="png")
     plt.close(fig)
-    return path
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def finite(v):

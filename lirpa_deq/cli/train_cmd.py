@@ -3,7 +3,9 @@
 ``--resume`` continues ``<out>/checkpoint.pt`` (or ``--resume PATH``) exactly; the identity of the
 run (dataset, model, method, batch size, seed, ...) must match the checkpoint, while e.g.
 ``--epochs`` may grow. Without ``--resume`` an existing checkpoint in ``--out`` is an error (so
-a run is never overwritten by accident).
+a run is never overwritten by accident). ``--out`` is checked writable before training starts;
+checkpoints are written atomically. A warm-up + ramp longer than the run is shrunk to fit it
+(the last epoch trains at ``--eps-train``) and a ``warning:`` line says so.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 from ..data import dataset_info
 from ..training import TrainConfig, Trainer
 from ..training.checkpoint import load_checkpoint
+from ..training.validate import check_writable_dir
 
 
 def parse_model_opts(pairs):
@@ -49,6 +52,7 @@ def run_train(args, log=print):
     if args.data_root and not os.path.isdir(args.data_root):
         raise ValueError(f"--data-root {args.data_root!r} is not a directory")
     config = config_from_args(args)
+    check_writable_dir(args.out, "--out")  # before any work: a long run must not die at its first save
     path = os.path.join(args.out, "checkpoint.pt")
     resume = args.resume
     if resume is not None:
@@ -59,6 +63,8 @@ def run_train(args, log=print):
         if os.path.exists(path):
             raise ValueError(f"{path} exists: pass --resume to continue it, or choose another --out")
         trainer = Trainer(config, device=args.device, log=log)
+    if trainer.ramp_note:  # main() silences UserWarnings (auto_LiRPA chatter): say it here
+        log(f"warning: {trainer.ramp_note}")
     log(f"training {config.model} {config.model_kwargs or ''} on {config.dataset} with {config.method}, "
         f"eps_train={config.eps_train}, {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch) -> {path}")
     metrics = trainer.train(max_steps=args.max_steps, checkpoint_path=path, progress=not args.no_progress)
