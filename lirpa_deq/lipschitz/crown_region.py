@@ -31,7 +31,8 @@ MAX_STATE = 4096  # larger states skip the tightening (2 n rows per sample)
 def tighten_deq(lr, s_box, prefix, x, eps, norm, max_iter=100):
     """Tightened (s_lo, s_hi) for the DEQ recorded in ``lr`` (a ``region.LayerRegion``).
 
-    prefix: None (injection box used) or the list of (affine layer, in_shape) before the DEQ."""
+    prefix: None (injection box used) or the list of (affine layer, in_shape) before the DEQ,
+    possibly empty (the DEQ is the first layer: its injection is the input itself)."""
     op, (lo, hi) = lr.op, lr.z_box
     state, B = lr.in_shape, lr.c.shape[0]
     n = math.prod(state)
@@ -50,13 +51,13 @@ def tighten_deq(lr, s_box, prefix, x, eps, norm, max_iter=100):
     ur_rows = u_r.repeat(2 * n, *[1] * len(state))
     value = (flat * uc_rows).flatten(1).sum(1)
     mag = (flat.abs() * (uc_rows.abs() + ur_rows)).flatten(1).sum(1)
-    if prefix is not None:
+    if prefix is not None:  # u = P x + q; an empty prefix (DEQ first) is u = x, P = I
         a = flat
         for layer, in_shape in reversed(prefix):
             a = layer.lin_t(a, in_shape)
+        fan = 4 * max(1, len(prefix)) * max((l.fan_t for l, _ in prefix), default=1)
         spread = float(eps) * dual_norm(a, norm)
-        spread = spread + gamma(a.dtype, 4 * len(prefix) * max(l.fan_t for l, _ in prefix)) * (
-            float(eps) * dual_norm(a.abs(), norm) + mag)
+        spread = spread + gamma(a.dtype, fan) * (float(eps) * dual_norm(a.abs(), norm) + mag)
     else:
         spread = (flat.abs() * ur_rows).flatten(1).sum(1)
     value = value - spread + bias.reshape(-1)

@@ -18,6 +18,11 @@ inactive over the whole ball). ``A = Dbar |W|^T`` has ``rho(A) < 1`` PROVED per 
   ``|h* - h_K| <= A^K M`` (PROVEN tail). Every K gives an enclosure, so the enclosures of all
   K are intersected. K stops when the tail is below ``tail_rtol`` of the enclosure's l1 size (or
   at ``max_unroll``). Affine layers and ReLUs: interval arithmetic (``backprop``).
+
+Unavailable rows (no proof of ``rho(A) < 1``) are ``+inf`` (elementwise) or centre 0, radius
+``+inf`` (local), never NaN; they stay inf unless an exactly-zero coefficient removes them
+(``backprop`` module docstring). ``c'`` on neurons inactive over the whole ball is replaced by 0
+before the DEQ: ``h_i = D_i (...) = 0`` there for any ``c'``, even an unbounded one.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import math
 
 import torch
 
-from .backprop import affine_back, relu_mult, rep
+from .backprop import abs_apply, affine_back, relu_mult, rep
 from .layers import gamma
 from .neumann import NonnegOp, neumann_bound, rho_direction, state_fan
 
@@ -44,23 +49,37 @@ def _view(t, like):
     return t.view((-1,) + (1,) * (like.dim() - 1))
 
 
+def _drop_inactive(lr, t):
+    """``t`` with the entries of neurons inactive over the whole ball set to 0 (D_i = 0 there)."""
+    return torch.where(rep(lr.inactive, t.shape[0]), torch.zeros_like(t), t)
+
+
 def deq_elementwise(lr, ga):
+    """(N, *state) bound on |h| from ``ga >= |c'|`` (may hold inf); inf rows where unproved."""
     A, v, ok = _deq_setup(lr, ga.shape[0])
+    ga = _drop_inactive(lr, ga)
     b = torch.where(_view(ok, ga), ga, torch.zeros_like(ga))
     M, okM = neumann_bound(A, b, v)
     return torch.where(_view(ok & okM, ga), M, torch.full_like(M, math.inf))
 
 
 def deq_local(lr, gc, gr, max_unroll=500, tail_rtol=1e-6, min_unroll=2, info=None):
+    """Enclosure (centre, radius) of h for every admissible (D, c' in [gc -+ gr]); unproved rows
+    get centre 0 and radius inf."""
     op, n = lr.op, gc.shape[0]
     A, v, ok = _deq_setup(lr, n)
     act, inact = rep(lr.active, n), rep(lr.inactive, n)
+    gc, gr = _drop_inactive(lr, gc), _drop_inactive(lr, gr)
     b = torch.where(_view(ok, gc), gc.abs() + gr, torch.zeros_like(gc))
     M, okM = neumann_bound(A, b, v)
     ok = ok & okM
+    # unproved rows (possibly unbounded c') are dropped from the unroll: finite arithmetic below
+    zero_bad = _view(~ok, gc)
+    gc, gr = gc.masked_fill(zero_bad, 0), gr.masked_fill(zero_bad, 0)
+    M = M.masked_fill(zero_bad, 0)
     gam = gamma(gc.dtype, state_fan(lr.in_shape))
     hc, hr = torch.zeros_like(gc), torch.zeros_like(gc)
-    tail = torch.where(_view(ok, gc), M, torch.zeros_like(M))
+    tail = M
     best_lo, best_hi = -M, M  # K = 0: h* in [-M, M]
     k = 0
     for k in range(1, max_unroll + 1):
@@ -78,13 +97,14 @@ def deq_local(lr, gc, gr, max_unroll=500, tail_rtol=1e-6, min_unroll=2, info=Non
         info.setdefault("unroll", []).append(k)
     c, r = (best_lo + best_hi) / 2, (best_hi - best_lo) / 2
     r = r + 2 * torch.finfo(c.dtype).eps * torch.maximum(best_lo.abs(), best_hi.abs())
-    r = torch.where(_view(ok, r), r, torch.full_like(r, math.inf))
-    return c, r
+    okv = _view(ok, r)
+    return torch.where(okv, c, torch.zeros_like(c)), torch.where(okv, r, torch.full_like(r, math.inf))
 
 
 @torch.no_grad()
 def propagate(region, shapes, C_rows, method, opts, info=None):
-    """(N,) bounds on the dual norm of every row's gradient, or inf for rows without one."""
+    """(N,) bounds on the dual norm of every row's gradient, or inf for rows without one (never
+    NaN). C_rows (N, *out_shape); opts: norm, max_unroll, tail_rtol."""
     from .closed_form import dual_norm
 
     layers, norm = region.layers, opts["norm"]
@@ -96,7 +116,7 @@ def propagate(region, shapes, C_rows, method, opts, info=None):
             if gr is not None:  # local, or elementwise before its first nonlinearity (exact)
                 gc, gr = affine_back(layer, gc, gr, shapes[j])
             else:  # elementwise: gc holds |g| upper bounds, gr is unused
-                gc = layer.abs_t(gc, shapes[j]) * (1 + gamma(gc.dtype, layer.fan_t))
+                gc = abs_apply(lambda t: layer.abs_t(t, shapes[j]), gc) * (1 + gamma(gc.dtype, layer.fan_t))
         elif method == "local":
             if layer.kind == "relu":
                 gc, gr = relu_mult(gc, gr, rep(lr.active, n), rep(lr.inactive, n))
@@ -106,7 +126,7 @@ def propagate(region, shapes, C_rows, method, opts, info=None):
             if gr is not None:  # first nonlinearity: switch to absolute values
                 gc, gr = gc.abs() + gr, None
             if layer.kind == "relu":
-                gc = gc * rep((~lr.inactive).to(gc.dtype), n)
+                gc = _drop_inactive(lr, gc)  # exact zeros, also of inf entries
             else:
                 gc = deq_elementwise(lr, gc)
     if gr is None:
