@@ -168,16 +168,3 @@ def analyse(layers, x, eps, norm, interval_opts: IntervalOptions | None = None,
         else:
             affine_prefix = None
     return Region(layers, per, tuple(c.shape[1:]), c, r)
-
-
-def shapes_of(layers, x):
-    """Per-sample input shape of every layer and the output shape (a point forward pass)."""
-    shapes = []
-    with torch.no_grad():
-        h = x[:1].detach()
-        for layer in layers:
-            shapes.append(tuple(h.shape[1:]))
-            h = layer.forward(h)
-    return shapes, tuple(h.shape[1:])
-
-
