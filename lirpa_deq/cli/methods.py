@@ -71,13 +71,14 @@ def certify_linf(model, x, y, eps, method, num_classes=10, batch_size=250, clip=
     return {"certified": cert.cpu(), "margin": margin.detach().float().cpu(), "seconds": time.time() - t0}
 
 
-def _lipschitz_batch(model, x, y, eps, errors):
+def _lipschitz_batch(model, x, y, eps, errors, progress=True):
     """certify_lipschitz on a batch; if it fails, image by image, and an image whose bound fails
-    counts as NOT certified (no claim is made; the error is recorded in ``errors``)."""
+    counts as NOT certified (no claim is made; the error is recorded in ``errors``). progress: a
+    tqdm bar on stderr, shown only when stderr is a terminal."""
     from ..lipschitz import certify_lipschitz
 
     def one(xb, yb):
-        c, m = certify_lipschitz(model, xb, yb, eps, norm=math.inf, method="local")
+        c, m = certify_lipschitz(model, xb, yb, eps, norm=math.inf, method="local", progress=progress)
         return (torch.as_tensor(c, dtype=torch.bool).reshape(-1).cpu(),
                 torch.as_tensor(m, dtype=torch.float32).detach().reshape(-1).cpu())
 

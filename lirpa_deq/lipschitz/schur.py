@@ -105,9 +105,19 @@ def prefix_zonotope(layers, shapes, region, b, j, norm):
     return f
 
 
+def _each(n, tick):
+    """range(n), calling ``tick(1)`` once each sample is done (also on ``continue``)."""
+    for b in range(n):
+        yield b
+        if tick is not None:
+            tick(1)
+
+
 @torch.no_grad()
-def refine_local(region, shapes, C_rows, norm, max_state=1024, max_leaves=1024, info=None):
-    """(N,) refined bounds (inf for rows where the refinement does not apply)."""
+def refine_local(region, shapes, C_rows, norm, max_state=1024, max_leaves=1024, info=None,
+                 tick=None):
+    """(N,) refined bounds (inf for rows where the refinement does not apply). C_rows
+    (N = B * K, *out_shape); tick: None or a callable told of each finished sample."""
     from .propagation import _deq_setup
 
     layers = region.layers
@@ -132,7 +142,7 @@ def refine_local(region, shapes, C_rows, norm, max_state=1024, max_leaves=1024, 
     u64 = torch.finfo(F64).eps
     leaves_used = []
     relus = [i for i, layer in enumerate(layers) if layer.kind == "relu"]
-    for b in range(B):
+    for b in _each(B, tick):
         rows = slice(b * K, (b + 1) * K)
         if not bool(ok_rows[b * K]):
             continue
