@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lirpa_deq.lipschitz import (certify_lipschitz, lipschitz_report, local_lipschitz,
-                                 margin_spec)
-from lirpa_deq.lipschitz.empirical import empirical_lipschitz, gradient_norms
-from lirpa_deq.nn import DEQ, IBPMonConv2d, IBPMonLinear
+from lirpa_deq.lipschitz import (LipschitzFallbackWarning, certify_lipschitz, lipschitz_report,
+                                 local_lipschitz, margin_spec)
+from lirpa_deq.lipschitz.empirical import empirical_lipschitz, gradient_norms, sampled_lipschitz
+from lirpa_deq.nn import DEQ, IBPMonConv2d, IBPMonLinear, MonLinear, OrthoLinear
 from lirpa_deq.testing import pgd_extremes
 
 RTOL = 1e-7  # true gradients come from DEQ solves at tol 1e-10 (float64)
@@ -152,3 +152,44 @@ def test_certified_points_survive_pgd():
         worst = torch.stack(vals + [margins(x).min(1).values]).min(0).values
     assert (worst >= lower - 1e-9).all(), "margin_lower is not a lower bound"
     assert (worst[cert] > 0).all(), "a certified point was broken by PGD"
+
+
+# ------------------------------------------------------------ property: sound, never NaN (issue 14)
+def property_model(cell, prefix, seed, d=6, n=8):
+    """Random (prefix) -> DEQ(cell(n)) -> Linear(n, 3); prefix 'first': the DEQ takes x itself."""
+    torch.manual_seed(seed)
+    pre = {"first": [], "linear": [nn.Linear(d, n)], "relu": [nn.Linear(d, n), nn.ReLU()]}[prefix]
+    m = nn.Sequential(*pre, DEQ(cell(n), tol=1e-11, max_iter=1000), nn.Linear(n, 3)).double()
+    return m, torch.rand(2, n if prefix == "first" else d, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("prefix", ["first", "linear", "relu"])
+@pytest.mark.parametrize("cell", [IBPMonLinear, MonLinear, OrthoLinear])
+def test_property_sound_and_never_nan(cell, prefix):
+    """Every method's own bound >= the largest true gradient norm at 16 sampled points of the ball
+    and at x (autograd through the DEQ solved at tol 1e-11; the 1e-9 slack covers that solve's
+    error), the combined
+    bound is finite and the minimum of the raw ones; MonDEQ / orthogonal cells behind an explicit
+    ReLU used to give NaN (inf * 0), a DEQ first layer used to crash."""
+    finite_rows = 0
+    for seed, eps, norm in ((0, 1e-3, math.inf), (1, 0.1, 2)):
+        m, x = property_model(cell, prefix, seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if cell is not IBPMonLinear else "error",
+                                  LipschitzFallbackWarning)
+            r = lipschitz_report(m, x, eps, norm, "local")
+        C = torch.eye(3, dtype=x.dtype).expand(2, -1, -1)
+        lower = sampled_lipschitz(m, x, eps, C, norm, n_samples=16, seed=seed)  # incl. vertices
+        assert (lower > 0).all()
+        for name, bound in r.raw.items():
+            assert not torch.isnan(bound).any(), f"{name}: NaN bound"
+            assert float((lower / bound).max()) <= 1 + 1e-9, f"{name} bound below a true gradient"
+        finite_rows += int(torch.isfinite(r.raw["local"]).sum())
+        assert torch.isfinite(r.bound).all()
+        expect = torch.minimum(torch.minimum(r.raw["global"], r.raw["elementwise"]), r.raw["local"])
+        assert torch.equal(r.bound, expect)
+    if cell is IBPMonLinear:  # the interval proof always applies: no fallback on any row
+        assert finite_rows == 12
+    elif cell is MonLinear:  # rho(Dbar |W|) < 1 is proved at least at eps = 1e-3
+        assert finite_rows > 0
+
