@@ -12,8 +12,8 @@ re-solved independently in float64 at random, vertex and PGD points; tolerance 1
 
 The scenario of seed s is ``SCHEDULE[s % len(SCHEDULE)]`` and its cell kind cycles too, so every
 slice of consecutive seeds covers every scenario; ``make_group(s)`` rebuilds a case from its seed
-(``benchmarks/bench_soundness.py --replay s`` prints it). ``KNOWN_BUGS`` names the scenarios with
-known open bugs: they are NOT xfailed -- their tests fail until the fix lands.
+(``benchmarks/bench_soundness.py --replay s`` prints it). ``KNOWN_BUGS`` names the bugs the
+suite was built to catch (failures of those scenarios say so); nothing is xfailed.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ CELLS = FC_CELLS + CONV_CELLS
 MARGIN_CELLS = ["fc-ibpmon", "conv-mon", "fc-ortho", "gen-residual", "conv-ibpmon", "fc-mon",
                 "gen-sntanh", "conv-ortho", "gen-convbn"]  # cells with a margin / Python attribute
 METHODS = ("IBP", "CROWN", "CROWN-IBP")
-KNOWN_BUGS = {  # scenario -> open bug (being fixed in lirpa_deq/bounds); remove once fixed
+KNOWN_BUGS = {  # scenario -> the bug this suite was written to catch (fixed in 7f17917); named in failures
     "l2-direct": "an l2 perturbation straight into a DEQ gets unsound bounds",
     "inplace-margin": "the box cache ignores cell.margin: a stale box after `cell.margin = ...`",
     "bad-nan-x": "NaN in x gives NaN bounds through the fallback instead of an error",
@@ -379,10 +379,48 @@ def test_random_soundness(scenario):
     records = [rec for s in seeds for rec in run_group(make_group(s))]
     print(f"\n{scenario}: {len(records)} cases, seeds {seeds}\n" + summary_table(records, "cell"))
     failed = [r for r in records if r["status"] in FAILING]
-    note = f" (KNOWN BUG, fix pending: {KNOWN_BUGS[scenario]})" if scenario in KNOWN_BUGS else ""
+    note = f" (known bug of this kind: {KNOWN_BUGS[scenario]})" if scenario in KNOWN_BUGS else ""
     assert not failed, f"{len(failed)} / {len(records)} cases failed{note}:\n" + describe_failures(failed)
     undetermined = sum(r["status"] == "undetermined" for r in records)
     assert undetermined <= 0.05 * len(records), describe_failures(records)
     if not scenario.startswith("bad") and scenario != "poor-opts":
         # the suite must test bounds, not only refusals
         assert sum(r["status"] == "sound" for r in records) >= 0.5 * len(records), summary_table(records, "cell")
+
+
+# ===================================================================== the harness can fail
+def _small_model(cell, max_iter=100):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), DEQ(cell, solver="anderson" if not isinstance(cell, MonLinear)
+                                              else "peaceman_rachford", max_iter=max_iter, tol=1e-12,
+                                              on_nonconvergence="ignore"), nn.Linear(6, 3)).double()
+
+
+@pytest.mark.parametrize("make", [lambda: MonLinear(6, 0.05), lambda: TanhCell(6, 6, 0.9)])
+def test_ground_truth_is_the_true_fixed_point_not_the_model_forward(make):
+    torch.manual_seed(1)
+    model, x = _small_model(make()), torch.randn(16, 5, dtype=torch.float64)
+    y, valid, res = GroundTruth(model)(x)
+    assert bool(valid.all()) and float(res.max()) <= 1e-8
+    assert torch.allclose(y, model(x), atol=1e-9)  # the model's own tight solve agrees
+    model[1].max_iter = 1  # a truncated forward is NOT the truth
+    with torch.no_grad():
+        assert float((GroundTruth(model)(x)[0] - model(x)).abs().max()) > 1e-3
+    if not isinstance(model[1].cell, MonLinear):  # a re-solve that misses its residual is discarded
+        assert not bool(GroundTruth(model, max_iter=2)(x)[1].any())
+
+
+def test_judge_flags_every_kind_of_wrong_bound():
+    model, x = _small_model(IBPMonLinear(6)), torch.randn(2, 5, dtype=torch.float64)
+    bm = BoundedModule(model, x)
+    lb, ub = bm.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(eps=0.1)),), method="IBP")
+    y, valid, _ = truth_outputs(model, x, 0.1)
+    assert judge_bounds(lb, ub, y, valid, 1e-6).status == "sound"
+    mid = y[:, 0].mean(0)  # a bound cutting through the attained range
+    assert judge_bounds(lb, torch.maximum(lb, mid), y, valid, 1e-6).status == "violated"
+    assert judge_bounds(lb, ub.clone().fill_(math.nan), y, valid, 1e-6).status == "non-finite"
+    assert judge_bounds(ub + 1, ub, y, valid, 1e-6).status == "crossed"
+    assert judge_bounds(lb, ub, y, valid & False, 1e-6).status == "undetermined"
+    assert judge_error(ValueError("eps must be >= 0")).status == "refused"
+    assert judge_error(RuntimeError("boom")).status == "crash"  # not a clear error
+    assert judge_error(ValueError("")).status == "crash"  # no message
