@@ -281,5 +281,18 @@ def bound_classes(*names):
     return tuple(cls for cls in (getattr(ops, name, None) for name in names) if isinstance(cls, type))
 
 
+def dense_coefficients(last_A, state_shape):
+    """auto_LiRPA's coefficients on a node -- a Tensor (spec, batch, *state) or, in conv mode
+    'patches', a ``Patches`` object -- as a dense (spec, batch, *state) tensor. Patches are expanded
+    as auto_LiRPA's own BoundReshape does (``patches_to_matrix`` gives (batch, spec, *state))."""
+    from auto_LiRPA.patches import Patches, patches_to_matrix
+
+    if not isinstance(last_A, Patches):
+        return last_A
+    dense = patches_to_matrix(last_A.patches, state_shape[1:], last_A.stride, last_A.padding,
+                              last_A.output_shape, last_A.unstable_idx)
+    return dense.transpose(0, 1)
+
+
 ALL_SHIMS = [s.shim_name for s in PRE_IMPORT + POST_IMPORT]
 apply()

@@ -20,14 +20,15 @@ import numbers
 import torch
 from auto_LiRPA.operators import Bound
 
-from .ball_box import monotone_ball_box
-from .generic.fingerprint import fingerprint, same_fingerprint
+from . import relu_affine as _relu_affine  # noqa: F401  (registers the ReLU-affine family)
+from .generic import strategy as _generic  # noqa: F401  (registers the generic family)
+from .adjoint import linear_backward
+from .cell_bounds import cell_bounds_for
 from .injection import check_dtype, checked_box, injection_box
-from .interval import IntervalOptions, IntervalProofError, interval_step, prove_interval_fixed_point
-from .implicit import differentiable_interval_step
+from .interval import IntervalOptions, IntervalProofError
 from .node import lookup_layer, parameter_names
 
-ADJOINT_KEYS = ("adjoint_max_iter", "adjoint_tol", "adjoint_solver")
+ADJOINT_KEYS = ("adjoint_max_iter", "adjoint_tol")
 
 
 def deq_options(options):
@@ -48,15 +49,6 @@ def deq_options(options):
     return interval, adjoint
 
 
-def _same(key_a, key_b):
-    """Equal cache keys: same shapes and values of the injection bounds and parameters."""
-    flat_a = [key_a[0], key_a[1], *key_a[2]]
-    flat_b = [key_b[0], key_b[1], *key_b[2]]
-    return len(flat_a) == len(flat_b) and all(
-        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-        for a, b in zip(flat_a, flat_b))
-
-
 class BoundDEQ(Bound):
     """Bound of a DEQ fixed-point node; see the module docstring."""
 
@@ -69,13 +61,23 @@ class BoundDEQ(Bound):
         self.requires_input_bounds = [0]  # bounds of u are needed (ReLU relaxation inside)
         self.nonlinear = True
         self.interval_options, self.adjoint_options = deq_options(options)
-        self.box = None  # last proved (lo, hi) of z*, reused by bound_backward
-        self.box_info = {}
-        self._box_key = None
+        # the bounds strategy of the layer's cell family, chosen once (lirpa_deq.bounds.cell_bounds)
+        self.cell_bounds = cell_bounds_for(self.deq, self.interval_options, self.adjoint_options)
 
     @property
     def deq(self):
         return self._deq_holder[0]
+
+    @property
+    def box(self):
+        """The last proved (lo, hi) of z*, each (B, *state), or None."""
+        return self.cell_bounds.last_box
+
+    @property
+    def box_info(self):
+        """How the last box was proved: ``box`` ('interval-post-fixpoint', 'monotone-ball',
+        'contraction-ball'), search statistics, for generic cells ``lipschitz`` and its source."""
+        return self.cell_bounds.info
 
     def _params(self, values):
         names = parameter_names(self.deq)
@@ -92,6 +94,12 @@ class BoundDEQ(Bound):
         u_lo, u_hi = injection_box(self.inputs[0], u_lo, u_hi)
         return checked_box(u_lo, u_hi, params)
 
+    def interval_box(self, u_lo, u_hi, params):
+        """The proved box of z* for u in [u_lo, u_hi] (no gradients; cached, see CellBounds.box)."""
+        fv = getattr(self, "forward_value", None)
+        self.cell_bounds.forward_value = fv if isinstance(fv, torch.Tensor) else None
+        return self.cell_bounds.box(u_lo, u_hi, params)
+
     # ------------------------------------------------------------------------------------ IBP
     def _check_params_unperturbed(self, intervals):
         for i, (lo, hi) in enumerate(intervals, start=1):
@@ -101,91 +109,13 @@ class BoundDEQ(Bound):
                     "DEQ cell): the fixed-point bounds assume fixed weights. Perturb the input or "
                     "layers outside the DEQ instead.")
 
-    def interval_box(self, u_lo, u_hi, params):
-        """The proved box of z* for u in [u_lo, u_hi] (no gradients), cached for repeated calls
-        within one compute_bounds. Tries the interval post-fixpoint; if that cannot be proved and
-        ``IntervalOptions.fallback`` allows, uses the monotone-ball box (always provable for the
-        cells' guarantee, looser). ``self.box_info['box']`` says which one was used."""
-        u_lo, u_hi = u_lo.detach(), u_hi.detach()
-        detached = {k: v.detach() for k, v in params.items()}
-        # a SNAPSHOT (clones): in-place weight updates (optimizer.step) must invalidate the cache
-        state = list(detached.values())
-        deq = self.deq
-        # attributes and buffers shape the operator too (cell.margin = ..., a declared contraction)
-        current = fingerprint(deq.cell)
-        if deq.generic:
-            from .generic.bound import refresh_bounder
-            if refresh_bounder(self, u_lo, u_hi):
-                self._box_key = None
-            declared = getattr(deq.cell, "lipschitz_z", None)
-            declared = declared() if callable(declared) else declared  # (a callable's value: not in the fingerprint)
-            state.append(torch.tensor(-1.0 if declared is None else float(declared)))
-        else:
-            state.append(torch.tensor(float(deq.cell.margin), dtype=torch.float64))
-        if not same_fingerprint(current, getattr(self, "_cell_fp", None)):
-            self._box_key = None
-        self._cell_fp = current
-        key = (u_lo.clone(), u_hi.clone(), tuple(v.clone() for v in state))
-        if self._box_key is not None and _same(self._box_key, key):
-            return self.box
-        if deq.generic:
-            from .generic.bound import generic_box
-            with torch.no_grad():
-                lo, hi, info = generic_box(self, u_lo, u_hi, self._warm_start(u_lo, u_hi, detached))
-            return self._store(lo, hi, info, key)
-        with torch.no_grad():
-            op = deq.cell.operator(detached)
-            op.prepare(tuple(u_lo.shape[1:]))
-            z_mid = self._warm_start(u_lo, u_hi, detached)
-            try:
-                lo, hi, info = prove_interval_fixed_point(op, u_lo, u_hi, z_start=z_mid,
-                                                          opts=self.interval_options)
-                info["box"] = "interval-post-fixpoint"
-            except IntervalProofError as err:
-                if not self.interval_options.fallback:
-                    raise
-                lo, hi = monotone_ball_box(op, deq.cell.margin, u_lo, u_hi, z_mid)
-                info = {"box": "monotone-ball", "interval_error": str(err)}
-        return self._store(lo, hi, info, key)
-
-    def _store(self, lo, hi, info, key):
-        """Cache and return a proved box; a box with NaN / inf (overflow) is no proof and raises."""
-        if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-            self._box_key = None
-            raise IntervalProofError(
-                f"the {info.get('box', 'proved')} box of the DEQ's fixed point is not finite (the cell's "
-                "weights or the input region are too large for floating point); use a smaller eps, "
-                "float64, or rescale the weights")
-        self.box, self.box_info, self._box_key = (lo, hi), info, key
-        return lo, hi
-
-    def _warm_start(self, u_lo, u_hi, params):
-        """Start of the interval search: the node's own forward value (the fixed point at the clean
-        input, which auto_LiRPA computed already) when it fits, else a solve at the box centre.
-        Only a starting point: soundness comes from the proof."""
-        fv = getattr(self, "forward_value", None)
-        if isinstance(fv, torch.Tensor) and tuple(fv.shape) == self.deq.state_shape(u_lo.shape) \
-                and fv.dtype == u_lo.dtype \
-                and bool(torch.isfinite(fv).all()):
-            return fv.detach()
-        return self.deq.solve((u_lo + u_hi) / 2, params=params)
-
     def interval_propagate(self, *v):
         (u_lo, u_hi), param_intervals = v[0], v[1:]
         self._check_params_unperturbed(param_intervals)
         params = self._params([p[0] for p in param_intervals])
         u_lo, u_hi = self._input_box(u_lo, u_hi, params)
-        lo, hi = self.interval_box(u_lo, u_hi, params)
-        if self.deq.generic:
-            from .generic.bound import generic_interval_step
-            return generic_interval_step(self, (lo, hi), u_lo, u_hi)
-        op = self.deq.cell.operator(params)  # with grad: training differentiates the bound
-        op.prepare(tuple(u_lo.shape[1:]))
-        if self.box_info["box"] == "interval-post-fixpoint":
-            return differentiable_interval_step(op, lo, hi, u_lo, u_hi, slack=self.box_info.get("slack"))
-        # monotone-ball box: one interval step intersected with it (sound; plain gradients)
-        a, b = interval_step(op, lo, hi, u_lo, u_hi)
-        return torch.maximum(a, lo), torch.minimum(b, hi)
+        box = self.interval_box(u_lo, u_hi, params)
+        return self.cell_bounds.interval_step(box, u_lo, u_hi, params)
 
     # ---------------------------------------------------------------------------- backward
     def backward_params(self, param_nodes):
@@ -198,24 +128,19 @@ class BoundDEQ(Bound):
                              for p in param_nodes])
 
     def bound_backward(self, last_lA, last_uA, *x, **kwargs):
-        from .adjoint import deq_bound_backward  # the adjoint-DEQ (CROWN) bound
-
         u_node, params = x[0], self.backward_params(x[1:])
         if u_node.lower is None or u_node.upper is None:
             raise RuntimeError("bounds of the DEQ injection are missing (requires_input_bounds)")
         u_box = self._input_box(u_node.lower, u_node.upper, params)
         _check_finite_A(last_lA, last_uA)
-        if self.deq.generic:
-            from .adjoint import dense_last_A
-            from .generic.bound import generic_bound_backward
-            out = generic_bound_backward(self, last_lA, last_uA, u_box, params, dense_last_A)
-        else:
-            out = deq_bound_backward(self, last_lA, last_uA, u_box, params, len(x) - 1)
-        for bias in out[1:]:
+        box = self.interval_box(*u_box, params)
+        lA, uA, lbias, ubias = linear_backward(self.cell_bounds, last_lA, last_uA, box, u_box, params,
+                                               self.adjoint_options)
+        for bias in (lbias, ubias):
             if isinstance(bias, torch.Tensor) and not bool(torch.isfinite(bias).all()):
                 raise IntervalProofError("the linear bound through the DEQ is not finite (overflow in the "
                                          "adjoint iteration); use method='IBP', a smaller eps or float64")
-        return out
+        return [(lA, uA)] + [(None, None)] * (len(x) - 1), lbias, ubias
 
     def bound_forward(self, dim_in, *x):
         raise NotImplementedError(
