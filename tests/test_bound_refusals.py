@@ -246,3 +246,27 @@ def test_valid_options_still_bound():
     model, x = _fc()
     lb, ub = _bounds(model, x, 0.05, "CROWN", opts={"deq": {"max_iter": 3, "adjoint_max_iter": 2}})
     assert bool(torch.isfinite(lb).all() and (lb <= ub).all())
+
+
+def test_nan_specification_is_refused_under_ibp_too():
+    model, x = _fc()
+    C = torch.ones(2, 1, 3)
+    C[0, 0, 1] = float("nan")
+    with pytest.raises(ValueError, match="specification matrix C contains NaN"):
+        _bounds(model, x, 0.1, "IBP", C=C)
+
+
+def test_unknown_method_names_the_method():
+    model, x = _fc()
+    with pytest.raises(NotImplementedError, match=r"method='IBPP'\) is not a bound method.*'CROWN-IBP'"):
+        _bounds(model, x, 0.1, "IBPP")
+
+
+@pytest.mark.parametrize("make", [lambda: MonLinear(4), lambda: OrthoLinear(4), lambda: IBPMonConv2d(2)])
+def test_nan_cell_weights_are_refused_before_any_solve(make):
+    cell = make()
+    with torch.no_grad():
+        next(cell.parameters()).view(-1)[0] = float("nan")
+    x = torch.rand(2, 4) if not isinstance(cell, IBPMonConv2d) else torch.rand(2, 2, 3, 3)
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        BoundedModule(nn.Sequential(DEQ(cell)), x)

@@ -184,6 +184,11 @@ class ReLUAffineCell(nn.Module):
                     raise ValueError(f"parameter {k!r} has shape {tuple(v.shape)}, "
                                      f"expected {tuple(own[k].shape)}")
             own.update(params)
+        for k, v in own.items():  # (NaN weights would surface as a LinAlgError of an SVD, or as NaN bounds)
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{type(self).__name__} parameter {k!r} contains NaN or inf: no fixed point or "
+                                 "bound is defined; check the training run (learning rate, divergence) or the "
+                                 "loaded checkpoint")
         return self._build_operator(own)
 
     def step(self, z, u, op: WeightOperator | None = None):
