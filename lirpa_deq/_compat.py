@@ -14,6 +14,7 @@ Two phases:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -292,6 +293,28 @@ def dense_coefficients(last_A, state_shape):
     dense = patches_to_matrix(last_A.patches, state_shape[1:], last_A.stride, last_A.padding,
                               last_A.output_shape, last_A.unstable_idx)
     return dense.transpose(0, 1)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """auto_LiRPA creates some specification tensors in the default dtype (upstream: float32
+    intermediate specifications of ReLU nodes); a float64 cell needs them in float64."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def gemm_scale(node):
+    """|alpha| of an ONNX Gemm (Y = alpha A B + beta C): ``alpha_linear`` upstream, ``alpha`` in 0.3
+    (upstream's ``alpha`` is the dict of alpha-CROWN slopes)."""
+    for name in ("alpha_linear", "alpha"):
+        value = getattr(node, name, None)
+        if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+            return abs(float(value))
+    return 1.0
 
 
 ALL_SHIMS = [s.shim_name for s in PRE_IMPORT + POST_IMPORT]

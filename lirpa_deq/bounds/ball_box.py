@@ -1,5 +1,18 @@
-"""A proved box for z*(u) from the monotonicity of the DEQ -- the fallback when the interval
-post-fixpoint cannot be proved (plain MonDEQ and orthogonal cells, where rho(|W|) >= 1).
+"""The fallback box of every cell family: a proved l2 ball around an approximate fixed point, as a box.
+
+Lemma (ball to box). If ||S (z* - c)||_2 <= rho for a positive diagonal S, then
+|z*_i - c_i| <= rho / s_i for every coordinate i, so z* lies in the box c -/+ rho / s.
+:func:`ball_to_box` turns such a ball (one rho per sample) into that box. Two ways to get rho:
+
+* monotone ReLU-affine cells, :func:`monotone_ball_box` (below): the Lipschitz fixed-point lemma;
+* contraction cells (generic cells with a proved L < 1), lirpa_deq.bounds.generic.box: with
+  rho0 = max_x ||cell(c, x) - c||_2, ||z*(x) - c|| <= L ||z*(x) - c|| + rho0, so rho = rho0 / (1 - L).
+
+Either box is then refined by interval steps intersected with it: if z* is in B then
+z* = T(z*) is in F(B), so every F(B) ∩ B is again a proved box.
+
+The monotone case, in detail. The fallback when the interval post-fixpoint cannot be proved
+(plain MonDEQ and orthogonal cells, where rho(|W|) >= 1).
 
 Setting: z*(u) = relu(W z* + u) with W = S^-1 W0 S (S positive diagonal, S = I without a
 similarity) and I - W0 >= m I. Every cell of lirpa_deq satisfies this with m = cell.margin
@@ -16,13 +29,13 @@ Hence for every u in the box [u_c - u_r, u_c + u_r]:
 
     |z*(u) - z'|_i <= (||S u_r||_2 + ||S delta||_2) / (m s_i).
 
-That box (clipped at 0) is refined by interval steps intersected with it: if z* is in B then
-z* = T(z*) is in F(B), so every F(B) ∩ B is again a proved box.
+That box is clipped at 0 (z* is a ReLU output).
 """
 from __future__ import annotations
 
 import torch
 
+from ..rounding import dot_error
 from .interval import interval_step, rounding_slack
 
 
@@ -31,6 +44,17 @@ def _similarity(op, like):
     if s is None:
         return torch.ones_like(like[:1])
     return s.to(like.dtype).expand_as(like[:1]) if s.dim() == like.dim() else s.reshape(1, *like.shape[1:])
+
+
+def ball_to_box(center, rho, scale=None):
+    """(lo, hi) = center -/+ rho / scale: the box of the ball ||scale (z - center)||_2 <= rho.
+
+    center: (B, *state); rho: (B,) per-sample radius; scale: positive, broadcastable to center
+    (default 1)."""
+    radius = rho.view((-1,) + (1,) * (center.dim() - 1))
+    if scale is not None:
+        radius = radius / scale
+    return center - radius, center + radius
 
 
 @torch.no_grad()
@@ -47,12 +71,10 @@ def monotone_ball_box(op, margin, u_lo, u_hi, z_hat, refine_steps=20):
     s = _similarity(op, u_c)
     norm = lambda t: (s * t).flatten(1).norm(dim=1)  # noqa: E731  (per-sample ||S t||_2)
     rho = (norm(u_r) + norm(delta)) / margin
-    eps = torch.finfo(u_c.dtype).eps
     # rounding of the few operations above, relative to the magnitudes involved
-    rho = rho * (1 + 64 * eps) + 64 * eps * (1 + norm(z_next) + norm(u_c))
-    view = (-1,) + (1,) * (u_c.dim() - 1)
-    radius = rho.view(view) / s
-    lo, hi = (z_next - radius).clamp_min(0), z_next + radius
+    rho = rho + dot_error(56, rho + 1 + norm(z_next) + norm(u_c)) - torch.finfo(u_c.dtype).tiny
+    lo, hi = ball_to_box(z_next, rho, s)
+    lo = lo.clamp_min(0)
     for _ in range(refine_steps):
         a, b = interval_step(op, lo, hi, u_lo, u_hi)
         slack = rounding_slack(op, lo, hi, u_lo, u_hi)

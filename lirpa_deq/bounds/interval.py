@@ -28,6 +28,7 @@ import numbers
 
 import torch
 
+from ..rounding import dot_error
 from ..solvers import get_solver, requires_problem
 
 
@@ -98,16 +99,14 @@ def preactivation_box(op, lo, hi, u_lo, u_hi):
 
 
 def rounding_slack(op, lo, hi, u_lo, u_hi):
-    """Elementwise bound on the floating-point error of computing F([lo, hi]).
+    """Elementwise bound on the floating-point error of computing F([lo, hi]) (lirpa_deq.rounding).
 
-    A dot product of n terms has error <= n * eps * sum|terms| (Higham). We bound sum|terms| by
-    |W| max(|lo|, |hi|) + max(|u_lo|, |u_hi|) and n by the fan-in of a row of W (n for dense W,
-    25 * channels for 3x3-conv compositions up to 5x5 support), plus the few additions of F."""
-    eps = torch.finfo(lo.dtype).eps
+    sum|terms| is bounded by |W| max(|lo|, |hi|) + max(|u_lo|, |u_hi|) and the number of terms by the
+    fan-in of a row of W (n for dense W, 25 * channels for 3x3-conv compositions up to 5x5 support)."""
     state = lo.shape[1:]
     fan_in = state[0] if len(state) == 1 else 25 * state[0]
     mag = op.absW(torch.maximum(lo.abs(), hi.abs())) + torch.maximum(u_lo.abs(), u_hi.abs())
-    return (fan_in + 8) * eps * mag + torch.finfo(lo.dtype).tiny
+    return dot_error(fan_in, mag)
 
 
 def search_box_fixed_point(box_map, lo, hi, opts):

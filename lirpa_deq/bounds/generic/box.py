@@ -9,7 +9,8 @@ floating-point margin. Two sound constructions, both relying on the cell's prove
    uniqueness is z*(x); and z*(x) = cell(z*(x), x) ∈ F(B). B is found by a heuristic search from
    the point solution (Anderson on the interval map) and then a widening iteration
    B <- hull(B, F(B)) + pad, checked after every step.
-2. **Contraction ball** (fallback, always available): with z0 any point and
+2. **Contraction ball** (fallback, always available; the lemma of lirpa_deq.bounds.ball_box): with z0
+   any point and
    rho = max_{x} ||cell(z0, x) - z0||_2 (bounded coordinatewise by the interval F({z0})),
    ||z*(x) - z0|| <= L ||z*(x) - z0|| + rho, so z*(x) lies in the l2 ball of radius rho / (1 - L)
    around z0, hence in its bounding box.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ball_box import ball_to_box
 from ..interval import IntervalOptions, IntervalProofError, search_box_fixed_point
 
 
@@ -64,13 +66,11 @@ def _post_fixpoint(F, z_mid, opts):
 
 
 def contraction_ball_box(F, z0, lipschitz):
-    """The fallback box z0 ± rho / (1 - L) (see module doc); z0 (B, *state)."""
+    """The fallback box z0 ± rho / (1 - L) (see module doc; lirpa_deq.bounds.ball_box); z0 (B, *state)."""
     a, b = F(z0, z0)
     dev = torch.maximum((a - z0).abs(), (b - z0).abs())
     rho = dev.flatten(1).norm(dim=1)
-    radius = (rho / (1 - lipschitz)) * (1 + 1e-6)
-    radius = radius.view((-1,) + (1,) * (z0.dim() - 1))
-    return z0 - radius, z0 + radius
+    return ball_to_box(z0, (rho / (1 - lipschitz)) * (1 + 1e-6))
 
 
 @torch.no_grad()

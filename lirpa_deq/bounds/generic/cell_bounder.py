@@ -17,25 +17,20 @@ rebuilt whenever any parameter changes, and bound gradients do not reach the par
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 
+from ..._compat import bound_classes, default_dtype
+from ...rounding import dot_error
 from .fingerprint import fingerprint, same_fingerprint
 
-
-@contextlib.contextmanager
-def _default_dtype(dtype):
-    """auto_LiRPA creates some specification tensors in the default dtype (upstream: float32
-    intermediate specifications of ReLU nodes); a float64 cell needs them in float64."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(saved)
+# auto_LiRPA operator classes, matched by exact type
+_INPUTS = set(bound_classes("BoundInput"))  # the traced roots z and x (not parameters / buffers)
+_PARAMS = set(bound_classes("BoundParams"))
+_CONVS = set(bound_classes("BoundConv"))
+_WEIGHTED = set(bound_classes("BoundLinear", "BoundMatMul")) | _CONVS
 
 
 class _CellOfZX(nn.Module):
@@ -107,7 +102,6 @@ class CellBounder:
 
     def __init__(self, cell, z_example, x_example):
         from auto_LiRPA import BoundedModule
-        from auto_LiRPA.bound_ops import BoundInput, BoundParams, BoundBuffers
 
         check_eval_mode(cell)
         dtypes = {t.dtype for t in list(cell.parameters()) + list(cell.buffers()) if t.is_floating_point()}
@@ -139,7 +133,7 @@ class CellBounder:
             for p, flag in grads:  # (auto_LiRPA's forward sets requires_grad from the node's mode)
                 p.requires_grad_(flag)
         roots = [name for name, node in self.module._modules.items()
-                 if isinstance(node, BoundInput) and not isinstance(node, (BoundParams, BoundBuffers))]
+                 if type(node) in _INPUTS]
         if len(roots) != 2:
             raise ValueError(f"{type(cell).__name__}(z, x) must use both the state z and the input x: its traced "
                              f"graph has {len(roots)} input(s). A cell that ignores x has a constant fixed point "
@@ -155,7 +149,7 @@ class CellBounder:
         the nested bounds flow exactly where the user's model allows). Called before every pass."""
         for node in self.module._modules.values():
             param = getattr(node, "param", None)
-            if type(node).__name__ == "BoundParams" and isinstance(param, torch.Tensor):
+            if type(node) in _PARAMS and isinstance(param, torch.Tensor):
                 node.training = bool(param.requires_grad)
 
     def forward(self, z, x):
@@ -193,7 +187,7 @@ class CellBounder:
     def ibp(self, z_box, x_box):
         """(lo, hi) of cell(z, x) over the boxes, each (B, *z_shape)."""
         self.sync_parameters()
-        with _default_dtype(z_box[0].dtype):
+        with default_dtype(z_box[0].dtype):
             lb, ub = self.module.compute_bounds(x=self._inputs(z_box, x_box), method="IBP")
         self.last_magnitude = _graph_magnitude(self.module, lb.shape[0])
         return lb.reshape(z_box[0].shape), ub.reshape(z_box[0].shape)
@@ -206,7 +200,7 @@ class CellBounder:
         # explicit identity specification: 0.3's default C is float32 whatever the model's dtype
         C = torch.eye(n, dtype=z_box[0].dtype, device=z_box[0].device).expand(batch, n, n)
         self.sync_parameters()
-        with _default_dtype(z_box[0].dtype):
+        with default_dtype(z_box[0].dtype):
             lb, ub, A = self.module.compute_bounds(
                 x=self._inputs(z_box, x_box), C=C, method="CROWN", return_A=True,
                 needed_A_dict={self.out_name: [self.z_name, self.x_name]})
@@ -245,13 +239,12 @@ class CellBounder:
         layers and sum|terms| <= (largest absolute row sum of a weight) * (largest |bound| of any
         node, the inputs' boxes included). A generous margin, not a machine-checked rounding proof."""
         ref = tensors[0]
-        eps = torch.finfo(ref.dtype).eps
         mag = torch.stack([t.detach().abs().flatten(1).max(1).values for t in tensors]).max(0).values
         last = getattr(self, "last_magnitude", None)
         if last is not None and last[0].shape == mag.shape:
             nodes, gain = last
             mag = torch.maximum(mag, nodes) * max(1.0, gain)
-        per_sample = self.num_ops * (self.fan_in + 8) * eps * (1 + mag)
+        per_sample = self.num_ops * (dot_error(self.fan_in, 1 + mag) - torch.finfo(ref.dtype).tiny)
         return per_sample.view((-1,) + (1,) * (ref.dim() - 1)) + torch.finfo(ref.dtype).tiny
 
 
@@ -263,7 +256,7 @@ def _graph_magnitude(module, batch):
         lo, up = getattr(node, "lower", None), getattr(node, "upper", None)
         if isinstance(lo, torch.Tensor) and isinstance(up, torch.Tensor) and lo.dim() >= 1 and lo.shape[0] == batch:
             mags.append(torch.maximum(lo.detach().abs(), up.detach().abs()).reshape(batch, -1).max(1).values)
-        if type(node).__name__ in ("BoundLinear", "BoundMatMul", "BoundConv") and len(node.inputs) > 1:
+        if type(node) in _WEIGHTED and len(node.inputs) > 1:
             w = getattr(node.inputs[1], "forward_value", None)
             if isinstance(w, torch.Tensor) and w.dim() >= 2:
                 w = w.detach().abs()
@@ -298,7 +291,7 @@ def _pure_bias(bound, Az, Ax, z_box, x_box, sign):
     return bias - sign * fan_in * eps * terms
 
 
-_NOT_OPS = ("BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant")
+_NOT_OPS = set(bound_classes("BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant"))
 
 
 def _rounding_profile(module, z_example, x_example):
@@ -308,14 +301,13 @@ def _rounding_profile(module, z_example, x_example):
         module(z_example, x_example)  # forward values of the weights
     ops, fan_in = 0, 0
     for node in module._modules.values():
-        kind = type(node).__name__
-        if kind in _NOT_OPS:
+        if type(node) in _NOT_OPS:
             continue
         ops += 1
-        if kind in ("BoundLinear", "BoundMatMul", "BoundConv") and len(node.inputs) > 1:
+        if type(node) in _WEIGHTED and len(node.inputs) > 1:
             w = getattr(node.inputs[1], "forward_value", None)
             if isinstance(w, torch.Tensor) and w.dim() >= 2:
-                size = math.prod(w.shape[1:]) if kind == "BoundConv" else max(w.shape[-1], w.shape[-2])
+                size = math.prod(w.shape[1:]) if type(node) in _CONVS else max(w.shape[-1], w.shape[-2])
                 fan_in = max(fan_in, int(size))
     if fan_in == 0:
         fan_in = z_example[0].numel() + x_example[0].numel()

@@ -24,12 +24,27 @@ import numbers
 
 import torch
 
-_ACTIVATIONS = {"BoundRelu": 1.0, "BoundTanh": 1.0, "BoundSigmoid": 0.25, "BoundSoftplus": 1.0,
-                "BoundAbs": 1.0, "BoundAtan": 1.0, "BoundSin": 1.0, "BoundCos": 1.0}
-_IDENTITY_LIKE = {"BoundReshape", "BoundFlatten", "BoundUnsqueeze", "BoundSqueeze", "BoundTranspose",
-                  "BoundIdentity", "BoundCast", "BoundNeg"}
-_CONSTANTS = {"BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant",
-              "BoundShape", "BoundConstantOfShape"}
+from ..._compat import bound_classes, gemm_scale
+
+
+def _exact(*names):
+    """The installed auto_LiRPA classes of these names, as a set matched by EXACT type (subclasses
+    such as BoundSigmoid < BoundTanh have rules of their own)."""
+    return set(bound_classes(*names))
+
+
+# l2 Lipschitz constants of elementwise activations, by exact operator class
+_ACTIVATIONS = {cls: value for name, value in {
+    "BoundRelu": 1.0, "BoundTanh": 1.0, "BoundSigmoid": 0.25, "BoundSoftplus": 1.0, "BoundAbs": 1.0,
+    "BoundAtan": 1.0, "BoundSin": 1.0, "BoundCos": 1.0}.items() for cls in bound_classes(name)}
+_IDENTITY_LIKE = _exact("BoundReshape", "BoundFlatten", "BoundUnsqueeze", "BoundSqueeze", "BoundTranspose",
+                        "BoundIdentity", "BoundCast", "BoundNeg")
+_CONSTANTS = _exact("BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant",
+                    "BoundShape", "BoundConstantOfShape")
+_LEAKY, _MATRIX, _CONV, _BATCHNORM = (_exact("BoundLeakyRelu"), _exact("BoundLinear", "BoundMatMul"),
+                                      _exact("BoundConv"), _exact("BoundBatchNormalization"))
+_ADD_SUB, _MUL, _DIV, _CONCAT = (_exact("BoundAdd", "BoundSub"), _exact("BoundMul"), _exact("BoundDiv"),
+                                 _exact("BoundConcat"))
 SLACK = 1e-6  # relative margin for the float64 evaluation of the norms
 
 
@@ -68,16 +83,6 @@ def _conv_norm(weight, groups):
         bound = min(bound, _spectral(K.reshape(K.shape[0], -1)) * math.sqrt(positions),
                     sum(_spectral(per_position[:, :, p]) for p in range(positions)))
     return bound
-
-
-def _gemm_scale(node):
-    """|alpha| of an ONNX Gemm (Y = alpha A B + beta C): ``alpha_linear`` upstream, ``alpha`` in 0.3
-    (upstream's ``alpha`` is the dict of alpha-CROWN slopes)."""
-    for name in ("alpha_linear", "alpha"):
-        value = getattr(node, name, None)
-        if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
-            return abs(float(value))
-    return 1.0
 
 
 def _value(node):
@@ -127,8 +132,9 @@ def graph_lipschitz(bounder, z, x):
         if name in memo:
             return memo[name]
         node = nodes[name]
-        kind = type(node).__name__
-        if kind in _CONSTANTS:
+        cls = type(node)
+        kind = cls.__name__
+        if cls in _CONSTANTS:
             memo[name] = 0.0
             return 0.0
         ins = [lip(i.name) for i in node.inputs]
@@ -143,34 +149,34 @@ def graph_lipschitz(bounder, z, x):
                                        "(e.g. a weight computed from z); no Lipschitz rule for that")
             return ins[0]
 
-        if kind in _ACTIVATIONS:
-            out = _ACTIVATIONS[kind] * only_first()
-        elif kind == "BoundLeakyRelu":
+        if cls in _ACTIVATIONS:
+            out = _ACTIVATIONS[cls] * only_first()
+        elif cls in _LEAKY:
             out = max(1.0, abs(float(node.alpha))) * only_first()
-        elif kind in _IDENTITY_LIKE:
+        elif cls in _IDENTITY_LIKE:
             out = only_first()
-        elif kind in ("BoundLinear", "BoundMatMul"):
+        elif cls in _MATRIX:
             weight = factor(node, 1)
             if weight.dim() != 2:
                 raise ContractionError(f"{kind} node {name}: weight of shape {tuple(weight.shape)} is not a matrix")
-            out = _gemm_scale(node) * _spectral(weight) * only_first()
-        elif kind == "BoundConv":
+            out = gemm_scale(node) * _spectral(weight) * only_first()
+        elif cls in _CONV:
             out = _conv_norm(factor(node, 1), int(node.groups)) * only_first()
-        elif kind == "BoundBatchNormalization":
+        elif cls in _BATCHNORM:
             if getattr(node, "training", False):
                 raise ContractionError(f"BatchNorm node {name} is in training mode: call model.eval()")
             w, var = factor(node, 1), factor(node, 4)
             out = float((w / torch.sqrt(var + float(node.eps))).abs().max()) * only_first()
-        elif kind in ("BoundAdd", "BoundSub"):
+        elif cls in _ADD_SUB:
             out = sum(ins[k] * copies(node, k) for k in dep)
-        elif kind == "BoundMul":
+        elif cls in _MUL:
             if len(dep) != 1:
                 raise ContractionError(f"Mul node {name}: both factors depend on z (a bilinear term)")
             k = dep[0]
             out = float(factor(node, 1 - k).abs().max()) * ins[k] * copies(node, k)
-        elif kind == "BoundDiv":
+        elif cls in _DIV:
             out = only_first() * copies(node, 0) / float(factor(node, 1).abs().min())
-        elif kind == "BoundConcat":
+        elif cls in _CONCAT:
             out = math.sqrt(sum(v * v for v in ins))
         else:
             raise ContractionError(
