@@ -13,13 +13,13 @@ import functools
 
 import torch
 
+from .bound_deq import BoundDEQ
+
 METHODS_HINT = ("'IBP', 'CROWN' (= 'backward'), 'CROWN-IBP', 'CROWN-Optimized' (= 'alpha-CROWN'); "
                 "'forward' modes are not supported through a DEQ node")
 
 
 def _has_deq(bounded):
-    from .bound_deq import BoundDEQ
-
     cached = getattr(bounded, "_lirpa_deq_has_deq", None)
     if cached is None:
         cached = any(isinstance(node, BoundDEQ) for node in bounded.modules())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from auto_LiRPA import PerturbationLpNorm
 
 from .._compat import bound_classes
 
@@ -37,8 +38,6 @@ class UnsupportedRegionError(NotImplementedError):
 
 
 def _lp(ptb):
-    from auto_LiRPA import PerturbationLpNorm
-
     return isinstance(ptb, PerturbationLpNorm)
 
 

@@ -17,10 +17,13 @@ rebuilt whenever any parameter changes, and bound gradients do not reach the par
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn as nn
+from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+from torch.nn.utils import parametrize
 
 from ..._compat import bound_classes, default_dtype
 from ...rounding import dot_error
@@ -47,8 +50,6 @@ class _CellOfZX(nn.Module):
 
 
 def _parametrized(cell):
-    from torch.nn.utils import parametrize
-
     return any(parametrize.is_parametrized(m) for m in cell.modules())
 
 
@@ -57,10 +58,6 @@ def _without_parametrizations(cell):
     values (torch refuses to trace through cached parametrizations). torch's own
     remove_parametrizations edits the parametrized class, which the copy shares with the
     original, so the instance is switched back to its base class by hand."""
-    import copy
-
-    from torch.nn.utils import parametrize
-
     clone = copy.deepcopy(cell)
     for m in clone.modules():
         if parametrize.is_parametrized(m):
@@ -77,8 +74,6 @@ def check_eval_mode(cell):
     """Batch statistics make a cell depend on the whole batch (no per-sample bound exists), and a
     parametrization in training mode (spectral_norm's power iteration) changes the weights at every
     call: both must be in eval mode."""
-    from torch.nn.utils import parametrize
-
     for name, m in cell.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
             raise ValueError(f"cell module {name or type(m).__name__!r} is a BatchNorm without running statistics "
@@ -101,7 +96,6 @@ class CellBounder:
     ``x_example``'s shape (both ``(B, ...)``; a new bounder is built for other shapes)."""
 
     def __init__(self, cell, z_example, x_example):
-        from auto_LiRPA import BoundedModule
 
         check_eval_mode(cell)
         dtypes = {t.dtype for t in list(cell.parameters()) + list(cell.buffers()) if t.is_floating_point()}
@@ -177,7 +171,6 @@ class CellBounder:
         return self.fits(z, x) and same_fingerprint(self.fingerprint, fingerprint(self.cell, with_parameters=self.parametrized))
 
     def _inputs(self, z_box, x_box):
-        from auto_LiRPA import BoundedTensor, PerturbationLpNorm
 
         def bounded(lo, hi):
             return BoundedTensor((lo + hi) / 2, PerturbationLpNorm(norm=math.inf, x_L=lo, x_U=hi))

@@ -23,6 +23,7 @@ import math
 import numbers
 
 import torch
+from torch.func import jvp, vjp
 
 from ..._compat import bound_classes, gemm_scale
 
@@ -190,7 +191,6 @@ def graph_lipschitz(bounder, z, x):
 
 def sampled_lipschitz(cell, z, x, iters=20):
     """A LOWER estimate of the z-Lipschitz constant: power iteration on J^T J at (z, x), per sample."""
-    from torch.func import jvp, vjp
 
     f = lambda zz: cell(zz, x)  # noqa: E731
     v = torch.randn_like(z)
