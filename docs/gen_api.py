@@ -114,8 +114,6 @@ CONSTANTS = {
     "lirpa_deq.lipschitz.NORMS": "Valid `norm` values: the l_inf ball (dual l1) and the l2 ball.",
     "lirpa_deq.lipschitz.SUPPORTED": "Layer types the Lipschitz analysis supports (others raise ValueError).",
     "lirpa_deq.smoothing.ABSTAIN": "Prediction returned when the smoothed classifier abstains.",
-    "lirpa_deq.training.DEQ_BOUND_OPTS": "Extra `bound_opts['deq']` used by training and certification "
-                                         "(empty: the `IntervalOptions` defaults).",
     "lirpa_deq.training.METHODS": "Valid training methods (`TrainConfig.method`).",
     "lirpa_deq.models.MODELS": "Registry: model name -> `ModelEntry` (see `build_model`).",
     "lirpa_deq.data.DATASETS": "Registry: dataset name -> `DatasetInfo`.",

@@ -15,7 +15,7 @@ from lirpa_deq.cli.report import write_json, write_json_lines
 from lirpa_deq.data import get_dataset
 from lirpa_deq.models import build_model
 from lirpa_deq.training import certified_loss, certify_bounds, make_bounded, margin_lower_bounds, pgd_robust, predict
-from lirpa_deq.training import validate as V
+from lirpa_deq import validate as V
 from lirpa_deq.training.checkpoint import atomic_write
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import lirpa_deq.lipschitz.progress as progress_mod
+import lirpa_deq._progress as progress_mod
 from lirpa_deq.lipschitz import (LipschitzFallbackWarning, LipschitzOptions, certify_lipschitz,
                                  lipschitz_report, local_lipschitz, margin_spec)
 from lirpa_deq.lipschitz.api import tightest
@@ -151,12 +151,13 @@ ENTRY = {
 
 @pytest.mark.parametrize("entry", ENTRY)
 @pytest.mark.parametrize("eps,match", [
-    (-0.1, r"eps must be >= 0 \(the radius of the ball\), got -0.1"),
-    (float("nan"), r"eps must be a number >= 0, got NaN"),
-    (float("inf"), r"eps must be finite, got inf; a bound for every input is method='global'"),
-    ("0.1", r"eps must be a real number .*got str '0.1'"),
-    (True, r"eps must be a real number .*got bool True"), (None, r"got NoneType None"),
-    (torch.tensor([0.1, 0.2]), r"eps must be one radius, got a tensor of shape \(2,\)"),
+    (-0.1, r"eps must be a finite real number >= 0 \(the radius of the perturbation ball\), got -0.1: a "
+           r"negative radius is an empty ball"),
+    (float("nan"), r"got nan: a NaN radius certifies nothing"),
+    (float("inf"), r"got inf: use a finite radius"),
+    ("0.1", r"eps must be a finite real number >= 0 .*got '0.1' of type str"),
+    (True, r"eps must be a finite real number >= 0 .*got True of type bool"), (None, r"got None of type NoneType"),
+    (torch.tensor([0.1, 0.2]), r"got tensor\(\[0.1000, 0.2000\]\) of type Tensor"),
 ])
 def test_eps_refused(entry, eps, match):
     with pytest.raises(ValueError, match=match):
@@ -165,12 +166,12 @@ def test_eps_refused(entry, eps, match):
 
 @pytest.mark.parametrize("entry", ENTRY)
 @pytest.mark.parametrize("x,match", [
-    (torch.tensor([[0.0, math.nan] + [0.0] * 6, [0.0] * 8], dtype=F64), r"NaN or infinite values \(samples \[0\]\)"),
-    (torch.tensor([[0.0] * 8, [math.inf] + [0.0] * 7], dtype=F64), r"NaN or infinite values \(samples \[1\]\)"),
+    (torch.tensor([[0.0, math.nan] + [0.0] * 6, [0.0] * 8], dtype=F64), r"x contains 1 NaN and 0 infinite values \(samples \[0\]\)"),
+    (torch.tensor([[0.0] * 8, [math.inf] + [0.0] * 7], dtype=F64), r"x contains 0 NaN and 1 infinite values \(samples \[1\]\)"),
     (torch.rand(8, dtype=F64), r"non-empty batch .*got shape \(8,\).*x\.unsqueeze\(0\)"),
     (torch.rand(0, 8, dtype=F64), r"got shape \(0, 8\)"),
     (torch.rand(2, 7, dtype=F64), r"layer 1 \(Linear\) expects inputs \(B, \.\.\., 8\) \[in_features=8\], got \(B, 7\)"),
-    (torch.rand(2, 8), r"x is torch\.float32 on cpu but model tensor '1\.weight' is torch\.float64.*model\.to\(x\)"),
+    (torch.rand(2, 8), r"x is float32 but the model's parameters are float64; use x\.double\(\) or model\.float\(\)"),
     (torch.rand(2, 8).half(), r"x must be float32 or float64, got torch\.float16"),
     ([[0.0] * 8] * 2, r"x must be a torch\.Tensor of shape \(B, \*input_shape\), got list"),
 ])
@@ -191,10 +192,10 @@ def test_x_shape_for_conv_and_output_rank():
 
 
 @pytest.mark.parametrize("labels,match", [
-    (torch.tensor([0, 1, 2]), r"labels must have shape \(B=2,\) .*got \(3,\)"),
-    (torch.tensor([[0, 1]]), r"labels must have shape \(B=2,\) .*got \(1, 2\)"),
-    (torch.tensor([0, 3]), r"labels must lie in \[0, 2\] \(the model has 3 classes\), got values in \[0, 3\]"),
-    (torch.tensor([-1, 0]), r"got values in \[-1, 0\]"),
+    (torch.tensor([0, 1, 2]), r"labels must have shape \(B,\) = \(2,\), one label per input, got \(3,\)"),
+    (torch.tensor([[0, 1]]), r"labels must have shape \(B,\) = \(2,\), one label per input, got \(1, 2\)"),
+    (torch.tensor([0, 3]), r"labels has labels in \[0, 3\], outside \[0, 3\) \(num_classes=3\)"),
+    (torch.tensor([-1, 0]), r"labels in \[-1, 0\], outside"),
     (torch.tensor([0.0, 1.0]), r"integer class indices, got torch\.float32; use labels\.long\(\)"),
     ([0, 1], r"labels must be a torch\.Tensor .*got list"),
 ])
@@ -235,7 +236,7 @@ def test_C_refused(C, match):
     (dict(tail_rtol=math.inf), r"tail_rtol must be a finite number > 0"),
     (dict(interval=5), r"interval must be None, a dict or .*IntervalOptions, got int"),
     (dict(interval={"bogus": 1}), r"interval: .*bogus"),
-    (dict(max_unroll=0), r"max_unroll must be an integer >= 1, got 0"),
+    (dict(max_unroll=0), r"max_unroll must be a positive integer, got 0"),
     ([("crown", False)], r"options must be None, a dict or LipschitzOptions, got list"),
 ])
 def test_options_refused(entry, options, match):

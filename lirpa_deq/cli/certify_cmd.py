@@ -6,7 +6,7 @@ broken by PGD is counted in ``summary['certified_but_attacked']`` (must be 0: a 
 
 Before any work: every eps is a finite real >= 0, the methods are known and available, x / y are
 a finite batch of the model's dtype inside [0, 1] with labels (N,) in [0, num_classes), the
-smoothing sample sizes satisfy n >= n0, and ``--json PATH`` is writable (``training.validate``);
+smoothing sample sizes satisfy n >= n0, and ``--json PATH`` is writable (``lirpa_deq.validate``);
 the JSON is written atomically.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 
 from ..data import dataset_info, get_dataset
 from ..training import load_checkpoint, make_bounded, model_from_checkpoint, pgd_robust, predict
-from ..training.validate import (check_eps, check_finite_params, check_labels, check_sample_sizes, check_x,
-                                 check_writable_file)
+from ..validate import (check_eps, check_finite_params, check_labels, check_sample_sizes, check_x,
+                        check_writable_file)
 from . import methods as M
 from .report import finite, format_table, write_json_lines
 

@@ -26,7 +26,7 @@ import torch
 from ..data import get_dataset
 from ..training import Trainer, TrainConfig, load_checkpoint, model_from_checkpoint
 from ..training.checkpoint import CheckpointError
-from ..training.validate import check_writable_dir
+from ..validate import check_writable_dir
 from .certify_cmd import evaluate, spread
 from .report import format_table, plot, write_json
 

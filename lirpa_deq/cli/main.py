@@ -3,7 +3,7 @@
 Errors the user can cause (unknown dataset / model / method, missing data root, negative or NaN
 eps, n < n0, an unwritable --out / --json, a corrupt, truncated, NaN-weighted or mismatched
 checkpoint, ...) end with ONE line ``lirpa-deq: error: ...`` on stderr and exit status 2 -- never a
-traceback. They are checked before the work starts (``lirpa_deq.training.validate``), so a long run
+traceback. They are checked before the work starts (``lirpa_deq.validate``), so a long run
 is not lost to a typo at its end. ``LIRPA_DEQ_DEBUG=1`` re-raises them for debugging.
 """
 from __future__ import annotations

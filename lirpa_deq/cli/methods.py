@@ -15,8 +15,9 @@ import time
 
 import torch
 
+from .._progress import progress_iter
 from ..training.evaluate import certify_bounds
-from ..training.validate import check_clip, check_eps, check_labels, check_method, check_x
+from ..validate import check_clip, check_eps, check_labels, check_method, check_x
 
 BOUND_METHODS = ("ibp", "crown", "lipschitz")
 METHODS = BOUND_METHODS + ("smoothing",)
@@ -114,12 +115,7 @@ def certify_smoothing(model, x, y, sigma=0.25, n=1000, n0=100, alpha=0.001, srs_
         sm = Smooth(model, num_classes, sigma, input_shape=tuple(x.shape[1:]))
     preds, radii = [], []
     t0 = time.time()
-    items = range(len(x))
-    if progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(items, desc=f"smoothing sigma={sigma}", unit="img", leave=False)
-    for i in items:
+    for i in progress_iter(range(len(x)), progress, f"smoothing sigma={sigma}", unit="img"):
         c, r = sm.certify(x[i], n0, n, alpha, batch_size, seed=seed + i)
         preds.append(int(c))
         radii.append(float(r))

@@ -15,7 +15,7 @@ import os
 from ..data import dataset_info
 from ..training import TrainConfig, Trainer
 from ..training.checkpoint import load_checkpoint
-from ..training.validate import check_writable_dir
+from ..validate import check_writable_dir
 
 
 def parse_model_opts(pairs):

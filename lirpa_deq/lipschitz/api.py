@@ -1,7 +1,7 @@
 """Public API: local Lipschitz bounds of specification rows, and certification from them.
 
 See ``docs/lipschitz.md`` for the mathematics and the guarantees. Arguments are validated up
-front (``validate.py``, ``options.py``): a bad argument raises ValueError before any work.
+front (``lirpa_deq.validate``, ``options.py``): a bad argument raises ValueError before any work.
 """
 from __future__ import annotations
 
@@ -12,15 +12,19 @@ import warnings
 
 import torch
 
+from .._progress import Progress
 from .closed_form import global_bound
 from .layers import flatten_model
 from .options import LipschitzOptions, check_options
-from .progress import Progress
 from .propagation import propagate
 from .region import analyse
 from .schur import refine_local
-from .validate import (METHODS, NORMS, check_C, check_eps, check_input_shape, check_labels,
-                       check_method, check_model_tensors, check_norm, check_progress, check_x)
+from ..validate import (check_bool, check_C, check_eps, check_input_shape, check_labels, check_matches_model,
+                        check_method, check_norm, check_x)
+
+METHODS = ("global", "elementwise", "local")  # looser and cheaper to tighter and dearer
+NORMS = (math.inf, 2)
+_DTYPES = (torch.float32, torch.float64)  # the dtypes whose rounding the analysis accounts for
 
 __all__ = ["METHODS", "NORMS", "LipschitzOptions", "LipschitzReport", "LipschitzFallbackWarning",
            "lipschitz_report", "local_lipschitz", "certify_lipschitz", "margin_spec"]
@@ -57,10 +61,12 @@ def tightest(a, b):
 def margin_spec(labels, num_classes, x):
     """(B, num_classes - 1, num_classes) rows e_y - e_j for every j != y, in x's dtype / device.
     labels: integer (B,) in [0, num_classes - 1] (ValueError otherwise)."""
-    x = check_x(x)
+    x = check_x(x, dtypes=_DTYPES)
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
         raise ValueError(f"num_classes must be an int, got {num_classes!r}")
-    labels = check_labels(labels, x.shape[0], num_classes, x.device)
+    if num_classes < 2:
+        raise ValueError(f"certification needs at least 2 classes, the model has {num_classes}")
+    labels = check_labels(labels, x.shape[0], int(num_classes), name="labels").to(x.device)
     from ..training.losses import margin_spec as margin_rows
 
     return margin_rows(labels, int(num_classes)).to(x.dtype)
@@ -78,11 +84,12 @@ def _fallback(opts, what, rows):
 
 def _prepare(model, x, eps, norm, method, options, progress):
     """Validated (layers, shapes, out_shape, x, eps, norm, method, opts); ValueError otherwise."""
-    norm, method, eps, x = check_norm(norm), check_method(method), check_eps(eps), check_x(x)
+    norm, method, eps = check_norm(norm), check_method(method, METHODS, "method"), check_eps(eps)
+    x = check_x(x, dtypes=_DTYPES).detach()
     opts = check_options(options)
-    check_progress(progress)
+    check_bool("progress", progress)
     layers = flatten_model(model)
-    check_model_tensors(model, x)
+    check_matches_model(x, model)
     shapes, out_shape = check_input_shape(layers, x)
     return layers, shapes, out_shape, x, eps, norm, method, opts
 
@@ -126,7 +133,7 @@ def lipschitz_report(model, x, eps, norm=math.inf, method="local", C=None, optio
     layers, shapes, out_shape, x, eps, norm, method, opts = _prepare(model, x, eps, norm, method,
                                                                      options, progress)
     C = check_C(C, x.shape[0], out_shape[0], x)
-    with Progress(progress, x.shape[0]) as bar:
+    with Progress(progress, x.shape[0], "lipschitz", unit="img") as bar:
         rep = _report(layers, shapes, out_shape, x, eps, norm, method, C, opts, bar)
         bar.finish()
     return rep
@@ -157,7 +164,7 @@ def certify_lipschitz(model, x, labels, eps, norm=math.inf, method="local", opti
     layers, shapes, out_shape, x, eps, norm, method, opts = _prepare(model, x, eps, norm, method,
                                                                      options, progress)
     C = margin_spec(labels, out_shape[0], x)
-    with Progress(progress, x.shape[0]) as bar:
+    with Progress(progress, x.shape[0], "lipschitz", unit="img") as bar:
         L = _report(layers, shapes, out_shape, x, eps, norm, method, C, opts, bar).bound
         bar.stage("margin at x")
         with torch.no_grad():

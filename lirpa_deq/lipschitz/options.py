@@ -6,6 +6,7 @@ import difflib
 import numbers
 
 from ..bounds.interval import IntervalOptions
+from ..validate import check_bool, check_positive_int
 
 
 @dataclasses.dataclass
@@ -30,15 +31,12 @@ class LipschitzOptions:
 
     def __post_init__(self):
         for name in ("max_unroll", "refine_max_state", "max_leaves"):
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_positive_int(name, getattr(self, name))
         t = self.tail_rtol
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < t < float("inf"):
             raise ValueError(f"tail_rtol must be a finite number > 0, got {t!r}")
         for name in ("refine", "crown"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         if isinstance(self.interval, dict):
             try:
                 self.interval = IntervalOptions(**self.interval)

@@ -18,11 +18,14 @@ Inputs: ``x`` is ONE input without batch dimension (shape ``input_shape``); pass
 rejected.  Noise is drawn on ``x.device`` with ``x.dtype``; reproducible with ``seed`` or a
 ``torch.Generator`` living on ``x.device``.
 
-Validation (before any sample is drawn; ValueError with one line, helpers shared with training and
-the CLI in ``lirpa_deq.training.validate``): ``sigma`` finite and > 0; ``n0``, ``n``, ``batch_size``
-positive integers with ``n >= n0``; ``alpha`` in (0, 1); ``x`` a non-empty floating tensor with no
-NaN / inf (a NaN input used to be "certified": the argmax of NaN logits is a constant class) and,
-for an ``nn.Module`` model, of its parameters' dtype and device.
+Validation (before any sample is drawn; ValueError with one line, from ``lirpa_deq.validate``, shared
+with training, the Lipschitz analysis and the CLI): ``sigma`` finite and > 0; ``n0``, ``n``,
+``batch_size`` positive integers with ``n >= n0``; ``alpha`` in (0, 1); ``x`` a non-empty floating
+tensor with no NaN / inf (the argmax of NaN logits is a constant class, which would be "certified")
+and, for an ``nn.Module`` model, of its parameters' dtype and device.
+
+Progress: ``progress=True`` shows a tqdm bar over the sample batches on stderr, only when stderr is a
+terminal (``lirpa_deq._progress``).
 """
 from __future__ import annotations
 
@@ -34,8 +37,9 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from ..training.validate import (check_alpha, check_finite, check_matches_model, check_positive_int,  # noqa: F401
-                                 check_sample_sizes, check_sigma)
+from .._progress import progress_iter as _progress  # noqa: F401  (the bar of every smoothing loop)
+from ..validate import (check_alpha, check_finite, check_matches_model, check_positive_int,  # noqa: F401
+                        check_sample_sizes, check_sigma)
 from .stats import binom_two_sided_p, cp_lower
 
 ABSTAIN = -1
@@ -77,14 +81,6 @@ def gaussian_noise(x: torch.Tensor, batch: int, sigma: float, generator) -> torc
     return x.unsqueeze(0) + sigma * noise
 
 
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False)
-
-
 class Smooth:
     """Gaussian randomized smoothing of ``model`` (see module docstring).
 
@@ -122,7 +118,7 @@ class Smooth:
             elif tuple(x.shape) != self.input_shape:
                 raise ValueError(f"x must be a single input of shape {self.input_shape} (or "
                                  f"(1, *{self.input_shape})), got {tuple(x.shape)}; smooth one input at a time")
-        check_finite(x, "x")  # a NaN input was 'certified' (argmax of NaN logits is a constant class)
+        check_finite(x, "x")  # the argmax of NaN logits is a constant class: never "certify" it
         return check_matches_model(x, self.model, "x")
 
     def _labels(self, model, batch: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import zipfile
 import numpy as np
 import torch
 
-from .validate import first_non_finite
+from ..validate import first_non_finite
 
 FORMAT = "lirpa_deq.checkpoint"
 VERSION = 1

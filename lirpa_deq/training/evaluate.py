@@ -20,10 +20,11 @@ import math
 
 import torch
 
+from .._progress import Progress
 from ..testing import ascent_step, project
 from .losses import _margin_lower_bounds, make_bounded
-from .validate import (BOUND_METHODS, check_clip, check_eps, check_finite_params, check_labels, check_logits,
-                       check_method, check_norm, check_num_classes, check_positive_int, check_x)
+from ..validate import (BOUND_METHODS, check_clip, check_eps, check_finite_params, check_labels, check_logits,
+                        check_method, check_norm, check_num_classes, check_positive_int, check_x)
 
 
 @torch.no_grad()
@@ -32,15 +33,6 @@ def predict(model, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     x = check_x(x, model)
     batch_size = check_positive_int("batch_size", batch_size)
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-
-
-def _pgd_bar(total, enabled, eps):
-    """A tqdm bar over PGD steps, or None; tqdm hides it when stderr is not a TTY."""
-    if not enabled or total == 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"PGD eps={eps:g}", unit="step", leave=False, dynamic_ncols=True, disable=None)
 
 
 def pgd_robust(model, x, y, eps, steps=20, restarts=1, norm=math.inf, clip=(0.0, 1.0), step_size=None,
@@ -64,7 +56,7 @@ def pgd_robust(model, x, y, eps, steps=20, restarts=1, norm=math.inf, clip=(0.0,
     g = torch.Generator(device=x.device).manual_seed(seed)
     step_size = 2.5 * eps / steps if step_size is None else step_size
     runs = restarts if eps > 0 else 0
-    bar = _pgd_bar(math.ceil(len(x) / batch_size) * runs * steps, progress, eps)
+    bar = Progress(progress, math.ceil(len(x) / batch_size) * runs * steps, f"PGD eps={eps:g}", unit="step")
     out = []
     try:
         for i in range(0, len(x), batch_size):
@@ -85,14 +77,12 @@ def pgd_robust(model, x, y, eps, steps=20, restarts=1, norm=math.inf, clip=(0.0,
                     loss = (other.max(1).values - true).sum()
                     (grad,) = torch.autograd.grad(loss, xa)
                     xa = ascent_step(xa, grad, xb, eps, norm, step_size, clip)
-                    if bar is not None:
-                        bar.update(1)
+                    bar.advance(1)
                 with torch.no_grad():
                     ok &= model(xa).argmax(1) == yb
             out.append(ok)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return torch.cat(out)
 
 

@@ -21,15 +21,10 @@ import torch
 import torch.nn.functional as F
 from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
 
-from .validate import (BOUND_METHODS, check_clip, check_eps, check_labels, check_method, check_norm,
-                       check_num_classes, check_unit, check_x)
+from ..validate import (BOUND_METHODS, check_clip, check_eps, check_labels, check_method, check_norm,
+                        check_num_classes, check_unit, check_x)
 
 METHODS = ("natural", "ibp", "crown-ibp")
-
-#: Extra interval options for the DEQ node (``bound_opts['deq']``) used by training and
-#: certification; empty = the defaults of :class:`lirpa_deq.bounds.IntervalOptions`, which are
-#: tuned for float32 speed (the proof usually succeeds at its first attempt).
-DEQ_BOUND_OPTS = {}
 
 
 def margin_spec(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -50,8 +45,9 @@ def robust_ce(lb: torch.Tensor) -> torch.Tensor:
 
 
 def bound_opts_for(model, deq_opts=None) -> dict:
-    """auto_LiRPA bound_opts for ``model``: ``{'deq': DEQ_BOUND_OPTS updated with deq_opts}``."""
-    return {"deq": dict(DEQ_BOUND_OPTS, **(deq_opts or {}))}
+    """auto_LiRPA bound_opts for ``model``: ``{'deq': deq_opts}`` (a copy; None: ``{}``, the defaults
+    of :class:`lirpa_deq.bounds.IntervalOptions`)."""
+    return {"deq": dict(deq_opts or {})}
 
 
 def make_bounded(model, example: torch.Tensor, deq_opts=None) -> BoundedModule:

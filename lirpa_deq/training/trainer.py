@@ -27,13 +27,14 @@ from typing import Callable, Optional
 
 import torch
 
+from .._progress import Progress
 from ..data import dataset_info, get_dataset
 from ..models import build_model
 from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .config import TrainConfig
 from .losses import certified_loss, make_bounded, sync_buffers
 from .schedules import LinearRamp, SmoothedRamp, StepLR, fit_ramp
-from .validate import check_finite_params, check_labels, check_x
+from ..validate import check_finite_params, check_labels, check_x
 
 
 class RampFitWarning(UserWarning):
@@ -144,32 +145,28 @@ class Trainer:
         and at the end when ``checkpoint_path`` is given. Returns ``self.metrics``."""
         end = self.total_steps if max_steps is None else min(int(max_steps), self.total_steps)
         spe = self.steps_per_epoch
-        bar = _progress(self.step, end, progress)
+        bar = Progress(progress, end, "train", unit="step", initial=self.step)
         t0, c0 = time.time(), time.process_time()
         sums = _Running()
         try:
             while self.step < end:
                 stats = self.train_step()
                 sums.add(stats)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(sums.postfix(), refresh=False)
+                bar.advance(1)
+                bar.postfix(sums.postfix())
                 if self.step % spe == 0 or self.step == end:
                     self.metrics.update(epoch=self.step / spe, **sums.means())
                     line = f"epoch {self.step / spe:.2f} step {self.step}/{self.total_steps} {sums.postfix()}"
-                    if bar is not None:
-                        bar.clear()
+                    bar.clear()
                     self.log(line)
-                    if bar is not None:
-                        bar.refresh()
+                    bar.refresh()
                     sums = _Running()
                     if checkpoint_path is not None:
                         self._add_time(t0, c0)
                         t0, c0 = time.time(), time.process_time()
                         self.save(checkpoint_path)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         self._add_time(t0, c0)
         self.model.eval()
         return self.metrics
@@ -273,10 +270,3 @@ class _Running:
             out += f" ibp_ver={m['verified']:.3f}"
         return out
 
-
-def _progress(start, end, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=False, disable=None)

@@ -1,20 +1,21 @@
-"""Up-front checks of user input, shared by every public entry point of training / evaluation
-(``lirpa_deq.training``), the ``lirpa-deq`` command and randomized smoothing.
+"""Up-front checks of user input, shared by every public entry point: training and evaluation
+(``lirpa_deq.training``), the Lipschitz analysis (``lirpa_deq.lipschitz``), randomized smoothing
+(``lirpa_deq.smoothing``) and the ``lirpa-deq`` command.
 
-Each check raises ``ValueError`` with ONE line saying what was given, what is expected and how to
-fix it, and returns the normalised value. The checks run before any work, so a bad input never
-reaches a bound: before them a negative eps gave "16/16 certified" (``x_L = x + 0.5 > x_U = x -
-0.5`` is an empty box, which the bounds happily enclosed), a NaN eps gave "0 certified" silently
-and a NaN input was "certified" by smoothing with a positive radius.
+One function per idea. Each raises ``ValueError`` with ONE line saying what was given, what is
+expected and how to fix it, and returns the normalised value; nothing here computes a bound. The
+checks run before any work, so a bad input never reaches a bound (a negative eps would be an
+empty box, which any bound encloses; a NaN input has a constant argmax).
 
 What is refused (see ``docs/training.md``, "Validated input"):
 
 * eps: anything but a finite real number >= 0 (bool, NaN, inf, negative, strings, tensors with more
   than one element);
-* x: not a floating tensor, an empty batch, NaN / inf entries, a dtype or device other than the
-  model's parameters', values outside the data domain ``clip``;
+* x: not a floating tensor (or not one of the allowed dtypes), an empty batch, NaN / inf entries,
+  a dtype or device other than the model's tensors', values outside the data domain ``clip``;
 * labels: not an integer tensor of shape (B,), a class outside [0, num_classes);
-* method / norm / clip / batch sizes / alpha / sigma / sample sizes outside their ranges;
+* specification rows C of the wrong shape / dtype, or with NaN / inf;
+* method / norm / clip / batch sizes / alpha / sigma / sample sizes / flags outside their ranges;
 * models with NaN / inf parameters or buffers, models whose logits are not (B, num_classes);
 * output paths that cannot be written (checked before the work starts).
 """
@@ -63,16 +64,20 @@ def check_eps(eps, name: str = "eps") -> float:
     return v
 
 
+def _integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def check_positive_int(name: str, value) -> int:
     """``int(value)``; ValueError unless it is an integer >= 1 (bool refused)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not _integer(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
 def check_nonneg_int(name: str, value) -> int:
     """``int(value)``; ValueError unless it is an integer >= 0 (bool refused)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+    if not _integer(value) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     return int(value)
 
@@ -115,6 +120,13 @@ def check_unit(name: str, value) -> float:
     return v
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is True or False (no other truthy / falsy values)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_method(method, valid, what: str = "bound method") -> str:
     """The entry of ``valid`` equal to ``method`` up to case; ValueError listing ``valid`` otherwise."""
     if isinstance(method, str):
@@ -124,9 +136,12 @@ def check_method(method, valid, what: str = "bound method") -> str:
     raise ValueError(f"unknown {what} {method!r}; valid: {', '.join(valid)}")
 
 
+_NORM_NAMES = {"inf": math.inf, "linf": math.inf, "l_inf": math.inf, "2": 2.0, "l2": 2.0}
+
+
 def check_norm(norm) -> float:
-    """math.inf (l_inf) or 2.0 (l2); ValueError otherwise."""
-    v = _real(norm)
+    """math.inf (l_inf; also 'inf', 'linf', 'l_inf') or 2.0 (l2; also '2', 'l2'); ValueError otherwise."""
+    v = _NORM_NAMES.get(norm.strip().lower()) if isinstance(norm, str) else _real(norm)
     if v == math.inf or v == 2:
         return v
     raise ValueError(f"norm must be math.inf (l_inf) or 2 (l2), got {norm!r}")
@@ -158,53 +173,57 @@ def _dname(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def model_tensor(model):
-    """The first floating parameter (else buffer) of ``model``; None for a plain callable / none."""
+def _model_tensors(model) -> list:
+    """The floating parameters, then buffers, of ``model`` (none for a plain callable)."""
     if not isinstance(model, torch.nn.Module):
-        return None
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t
-    return None
+        return []
+    return [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
 
 
 def check_matches_model(x: torch.Tensor, model, name: str = "x", device: bool = True) -> torch.Tensor:
-    """ValueError unless ``x`` has the dtype (and, if ``device``, the device) of the model's parameters."""
-    p = model_tensor(model)
-    if p is None:
-        return x
-    if x.dtype != p.dtype:
+    """ValueError unless ``x`` has the dtype (and, if ``device``, the device) of EVERY floating
+    parameter and buffer of the model (the message names the first that differs)."""
+    tensors = _model_tensors(model)
+    p = next((t for t in tensors if t.dtype != x.dtype), None)
+    if p is not None:
         raise ValueError(f"{name} is {_dname(x.dtype)} but the model's parameters are {_dname(p.dtype)}; use "
                          f"{name}.{_TO_DTYPE.get(p.dtype, 'to(' + str(p.dtype) + ')')}() or "
                          f"model.{_TO_DTYPE.get(x.dtype, 'to(' + str(x.dtype) + ')')}()")
-    if device and x.device != p.device:
+    p = next((t for t in tensors if t.device != x.device), None) if device else None
+    if p is not None:
         raise ValueError(f"{name} is on {x.device} but the model's parameters are on {p.device}; use "
                          f"{name}.to('{p.device}') or model.to('{x.device}')")
     return x
 
 
-def check_finite(x: torch.Tensor, name: str = "x") -> torch.Tensor:
-    """ValueError if ``x`` holds NaN or inf (with their count)."""
+def check_finite(x: torch.Tensor, name: str = "x", batched: bool = False) -> torch.Tensor:
+    """ValueError if ``x`` holds NaN or inf (with their count; ``batched``: x is (B, ...) and the
+    message also lists the first offending samples)."""
     bad = ~torch.isfinite(x.detach())
     if bool(bad.any()):
         n_nan = int(torch.isnan(x.detach()).sum())
-        raise ValueError(f"{name} contains {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values: nothing can be "
-                         f"certified about them; clean or drop those inputs")
+        rows = f" (samples {bad.flatten(1).any(1).nonzero().flatten().tolist()[:10]})" if batched else ""
+        raise ValueError(f"{name} contains {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values{rows}: nothing "
+                         f"can be certified about them; clean or drop those inputs")
     return x
 
 
-def check_x(x, model=None, clip=None, name: str = "x", device: bool = True) -> torch.Tensor:
+def check_x(x, model=None, clip=None, name: str = "x", device: bool = True, dtypes=None) -> torch.Tensor:
     """A non-empty finite floating batch (B, *input_shape) matching the model's dtype / device and,
     when ``clip = (lo, hi)`` is given, inside the data domain [lo, hi] (the perturbation set is the
-    ball intersected with the domain, so a point outside it is not in its own set)."""
+    ball intersected with the domain, so a point outside it is not in its own set). ``dtypes``: the
+    only dtypes accepted (e.g. (torch.float32, torch.float64)); None: any floating dtype."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape (B, *input_shape), got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise ValueError(f"{name} must be {' or '.join(_dname(d) for d in dtypes)}, got {x.dtype}; convert it "
+                         f"with {name}.{_TO_DTYPE.get(dtypes[-1])}() and use the same dtype for the model")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating tensor, got {x.dtype}; use {name}.float()")
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty batch of shape (B, *input_shape), got shape "
                          f"{tuple(x.shape)}; add a batch dimension with {name}.unsqueeze(0)")
-    check_finite(x, name)
+    check_finite(x, name, batched=True)
     check_matches_model(x, model, name, device)
     if clip is not None:
         lo, hi = float(x.detach().min()), float(x.detach().max())
@@ -268,6 +287,80 @@ def check_logits(model, x1: torch.Tensor, num_classes=None) -> int:
         raise ValueError(f"num_classes={num_classes} but the model outputs {out.shape[1]} logits; pass "
                          f"num_classes={out.shape[1]}")
     return int(out.shape[1])
+
+
+# ------------------------------------------------------------------------------ layers and specifications
+def _expected_input(layer):
+    """(predicate on the full shape, description) of what ``layer`` accepts, or None."""
+    m = layer.module
+    name = type(m).__name__
+    if name == "Linear":
+        return (lambda s: s[-1] == m.in_features), f"(B, ..., {m.in_features}) [in_features={m.in_features}]"
+    if name == "Conv2d":
+        return (lambda s: len(s) == 4 and s[1] == m.in_channels), f"(B, {m.in_channels}, H, W)"
+    if name == "BatchNorm1d":
+        return (lambda s: len(s) in (2, 3) and s[1] == m.num_features), f"(B, {m.num_features}[, L])"
+    if name == "BatchNorm2d":
+        return (lambda s: len(s) == 4 and s[1] == m.num_features), f"(B, {m.num_features}, H, W)"
+    if name == "AvgPool2d":
+        return (lambda s: len(s) == 4), "(B, C, H, W)"
+    return None
+
+
+def check_input_shape(layers, x):
+    """(shapes, out_shape): the per-sample input shape of every layer and of the output, from a
+    point forward pass of ``x[:1]``. ValueError naming the first layer that does not accept its
+    input (expected vs got), or if the output is not ``(B, num_classes)``. ``layers``: the
+    flattened model of ``lirpa_deq.lipschitz.layers.flatten_model``."""
+    from .nn.cells.base import ReLUAffineCell
+
+    shapes, h = [], x[:1]
+    with torch.no_grad():
+        for layer in layers:
+            got = tuple(h.shape)
+            shapes.append(got[1:])
+            want = _expected_input(layer)
+            where = f"x of shape {tuple(x.shape)} does not fit the model: layer {layer.name}"
+            if want is not None and not want[0](got):
+                raise ValueError(f"{where} expects inputs {want[1]}, got (B, {', '.join(map(str, got[1:]))})")
+            if layer.kind == "deq" and isinstance(layer.module.cell, ReLUAffineCell):  # names the shape it needs
+                try:
+                    layer.module.cell.state_shape(got)
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from e
+            try:
+                h = layer.forward(h)
+            except (RuntimeError, ValueError, IndexError) as e:
+                raise ValueError(f"{where} cannot be applied to its input of shape (B, "
+                                 f"{', '.join(map(str, got[1:]))}): {e}") from e
+    if h.dim() != 2:
+        raise ValueError(f"the model must return logits of shape (B, num_classes), got "
+                         f"{(x.shape[0],) + tuple(h.shape[1:])}; end it with a Flatten / Linear")
+    return shapes, tuple(h.shape[1:])
+
+
+def check_C(C, B, num_classes, x):
+    """Specification rows (B, K, num_classes) in ``x``'s dtype/device; None: the identity rows
+    (each logit), expanded (B, num_classes, num_classes)."""
+    if C is None:
+        return torch.eye(num_classes, dtype=x.dtype, device=x.device).expand(B, -1, -1)
+    want = f"C must be a tensor of shape (B={B}, K, num_classes={num_classes})"
+    if not isinstance(C, torch.Tensor):
+        raise ValueError(f"{want}, got {type(C).__name__}")
+    if C.dim() == 2 and C.shape[1] == num_classes:
+        raise ValueError(f"{want}, got {tuple(C.shape)}: the same rows for every sample are "
+                         f"C.expand({B}, -1, -1)")
+    if C.dim() != 3 or C.shape[0] != B or C.shape[2] != num_classes:
+        raise ValueError(f"{want}, got {tuple(C.shape)}")
+    if C.shape[1] == 0:
+        raise ValueError("C has no specification rows (K = 0); pass at least one row per sample")
+    if C.is_complex() or C.dtype == torch.bool:
+        raise ValueError(f"C must be a real tensor, got {C.dtype}")
+    C = C.detach().to(dtype=x.dtype, device=x.device)
+    if not bool(torch.isfinite(C).all()):
+        raise ValueError("C contains NaN or infinite values (after conversion to x's dtype)")
+    return C
+
 
 
 # ------------------------------------------------------------------------------ output paths
