@@ -10,25 +10,22 @@ layers and records, per layer, its input shape and box. The sets it encloses:
   covers the floating-point error of the computed centre and radius.
 * ReLU: ``[relu(c - r), relu(c + r)]``; input box gives the stable sets (``lo >= 0``: relu is the
   identity on every value it sees, derivative 1; ``hi <= 0``: it is constant 0, derivative 0).
-* DEQ: ``prove_interval_fixed_point`` (a post-fixpoint, so z*(u) is in the returned box for every
-  u of the injection box), then the pre-activation box of ``s = W z* + u`` widened by
-  ``rounding_slack``; stable sets as for ReLU. If the interval proof fails (e.g. a MonDEQ with
-  ``rho(|W|) >= 1``), the box from the closed-form l2 Lipschitz constant (``lipschitz_box``) is
-  used instead; it is sound for every cell guarantee.
+* DEQ: the proved box of the DEQ node's bounds strategy (``lirpa_deq.bounds.relu_affine``, the
+  same box as IBP / CROWN): the interval post-fixpoint (z*(u) is in it for every u of the
+  injection box) or, where that proof fails (e.g. a MonDEQ with ``rho(|W|) >= 1``), the
+  monotone-ball box (``lirpa_deq.bounds.ball_box``), sound for every cell guarantee. Then the
+  pre-activation box of ``s = W z* + u`` widened by ``rounding_slack``; stable sets as for ReLU.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
-from ..bounds.interval import (IntervalOptions, IntervalProofError, preactivation_box,
-                               prove_interval_fixed_point, rounding_slack)
-from .closed_form import deq_opnorm
+from ..bounds.interval import IntervalOptions, preactivation_box, rounding_slack
+from ..bounds.relu_affine import ReLUAffineBounds
 from .crown_region import tighten_deq
 from .layers import bias_of, gamma
-from .neumann import state_fan
 
 
 @dataclasses.dataclass
@@ -41,7 +38,7 @@ class LayerRegion:
     op: object = None          # deq: the cell's WeightOperator
     z_box: tuple | None = None  # deq: proved (lo, hi) of z*
     s_box: tuple | None = None  # deq: pre-activation box (rounding included)
-    box_method: str | None = None  # deq: 'interval' (post-fixpoint) or 'lipschitz' (fallback)
+    box_method: str | None = None  # deq: 'interval' (post-fixpoint) or 'lipschitz' (monotone-ball fallback)
     cache: dict = dataclasses.field(default_factory=dict)
 
 
@@ -73,46 +70,31 @@ def _affine(layer, c, r):
     return yc, yr
 
 
-def lipschitz_box(layer, op, u_c, u_r):
-    """A sound box of z*(u) for every u in ``u_c +- u_r`` from the closed-form l2 Lipschitz
-    constant ``L2`` of ``u -> z*`` (``closed_form.deq_opnorm``), for any cell guarantee.
-
-    With ``z~`` the solver's answer at ``u_c`` and ``z' = relu(W z~ + u_c)``, ``z'`` is EXACTLY the
-    fixed point for the injection ``u_c + delta``, ``delta = W (z~ - z')`` (plus the rounding of
-    ``W z~ + u_c``, bounded by ``gamma |W| |z~| + |u_c|`` terms). Hence
-    ``||z' - z*(u)||_2 <= L2 (||delta||_2 + ||u - u_c||_2)`` for every u of the box."""
-    state = tuple(u_c.shape[1:])
-    L2, _ = deq_opnorm(layer, state, 2, u_c)
-    z_t = layer.module.solve(u_c)
-    pre = op.W(z_t) + u_c
-    z1 = torch.relu(pre)
-    delta = op.W(z_t - z1)
-    rnd = gamma(u_c.dtype, state_fan(state)) * (op.absW(z_t.abs() + z1.abs()) + u_c.abs())
-    size = (delta.abs() + rnd).flatten(1).norm(dim=1) + u_r.flatten(1).norm(dim=1)
-    rho = (L2 * size * (1 + gamma(u_c.dtype, math.prod(state)))).view((-1,) + (1,) * len(state))
-    return (z1 - rho).clamp_min(0), z1 + rho
+_BOX_METHOD = {"interval-post-fixpoint": "interval", "monotone-ball": "lipschitz"}
 
 
 @torch.no_grad()
 def deq_box(layer, u_c, u_r, interval_opts: IntervalOptions | None = None):
-    """Proved box and stable sets of a DEQ layer for injections in ``u_c +- u_r``.
+    """Proved box and stable sets of a DEQ layer for injections in ``u_c +- u_r`` (each (B, *state)).
 
-    Returns (op, (lo, hi), (s_lo, s_hi), how): ``how`` is 'interval' (post-fixpoint proof) or
-    'lipschitz' (``lipschitz_box``, used when the interval proof fails)."""
+    The box is the DEQ node's own bounds strategy (``ReLUAffineBounds.box``): the interval
+    post-fixpoint, or, where it cannot be proved, the monotone-ball box (always allowed here:
+    ``interval_opts.fallback`` is overridden to True, the fallback box being sound for every cell).
+    Returns (op, (lo, hi), (s_lo, s_hi), how): op the cell's detached WeightOperator prepared for the
+    state shape; (s_lo, s_hi) the pre-activation box of ``s = W z* + u`` widened by ``rounding_slack``;
+    ``how`` is 'interval' (post-fixpoint) or 'lipschitz' (the monotone-ball box, which follows from
+    the l2 Lipschitz constant ``1 / margin`` of ``u -> S z*(u)``). Raises IntervalProofError when
+    even that box is not finite (weights or region too large for floating point)."""
     deq = layer.module
-    op = deq.cell.operator()
-    op.prepare(tuple(u_c.shape[1:]))
+    opts = dataclasses.replace(interval_opts or IntervalOptions(), fallback=True)
+    strategy = ReLUAffineBounds(deq, opts, {})
+    params = dict(deq.cell.named_parameters())
     u_lo, u_hi = u_c - u_r, u_c + u_r
-    z_mid = deq.solve(u_c)
-    try:
-        lo, hi, _ = prove_interval_fixed_point(op, u_lo, u_hi, z_start=z_mid, opts=interval_opts)
-        how = "interval"
-    except IntervalProofError:
-        lo, hi = lipschitz_box(layer, op, u_c, u_r)
-        how = "lipschitz"
+    lo, hi = strategy.box(u_lo, u_hi, params)
+    op = strategy.operator(params, tuple(u_c.shape[1:]))
     s_lo, s_hi = preactivation_box(op, lo, hi, u_lo, u_hi)
     slack = rounding_slack(op, lo, hi, u_lo, u_hi)
-    return op, (lo, hi), (s_lo - slack, s_hi + slack), how
+    return op, (lo, hi), (s_lo - slack, s_hi + slack), _BOX_METHOD[strategy.info["box"]]
 
 
 @torch.no_grad()
