@@ -5,14 +5,8 @@ from .ibp_monotone import IBPMonConv2d, IBPMonLinear
 from .monotone import MonConv2d, MonLinear
 from .orthogonal import OrthoConv2d, OrthoLinear
 
-CELLS = {
-    "mon_linear": MonLinear, "mon_conv2d": MonConv2d,
-    "ibp_mon_linear": IBPMonLinear, "ibp_mon_conv2d": IBPMonConv2d,
-    "ortho_linear": OrthoLinear, "ortho_conv2d": OrthoConv2d,
-}
-
 __all__ = [
     "ReLUAffineCell", "WeightOperator", "MatrixOperator", "ScaledConvOperator",
-    "MonConvOperator", "CellCheck", "circular_conv_norm", "CELLS",
+    "MonConvOperator", "CellCheck", "circular_conv_norm",
     "MonLinear", "MonConv2d", "IBPMonLinear", "IBPMonConv2d", "OrthoLinear", "OrthoConv2d",
 ]
