@@ -204,7 +204,7 @@ def test_subcommand_help(sub, flags, capsys):
         assert f in out
 
 
-# ------------------------------------------------------------------------------------ issue #14
+# ------------------------------------------------------------------------------------ refused input
 def _no_work_done(out):
     assert "clean accuracy" not in out and "training " not in out and "epoch" not in out, out
 

@@ -1,7 +1,7 @@
-"""Issue #14, "soundness under every input": the public entry points of training / evaluation refuse
-bad input up front with a message that says what is wrong and how to fix it -- never a certified
-number. Before, ``certify_bounds(model, x, y, -0.5)`` reported 16/16 certified (margins ~ +19: the
-empty box x_L = x + 0.5 > x_U = x - 0.5 was bounded without complaint) and NaN eps 0 certified."""
+"""Soundness under every input: the public entry points of training / evaluation refuse bad input up
+front (lirpa_deq.validate) with a message that says what is wrong and how to fix it -- never a
+certified number (a negative eps is an empty box x_L = x + 0.5 > x_U = x - 0.5 that any bound
+encloses; a NaN eps certifies nothing)."""
 import io
 import json
 import math

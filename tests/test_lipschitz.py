@@ -154,7 +154,7 @@ def test_certified_points_survive_pgd():
     assert (worst[cert] > 0).all(), "a certified point was broken by PGD"
 
 
-# ------------------------------------------------------------ property: sound, never NaN (issue 14)
+# ------------------------------------------------------------ property: sound, never NaN
 def property_model(cell, prefix, seed, d=6, n=8):
     """Random (prefix) -> DEQ(cell(n)) -> Linear(n, 3); prefix 'first': the DEQ takes x itself."""
     torch.manual_seed(seed)

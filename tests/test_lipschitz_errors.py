@@ -1,4 +1,4 @@
-"""Issue 14 regressions for lirpa_deq.lipschitz: no NaN bounds (MonDEQ / orthogonal cells behind an
+"""Regressions for lirpa_deq.lipschitz: no NaN bounds (MonDEQ / orthogonal cells behind an
 explicit ReLU), a DEQ as the first layer, up-front validation of every argument of every public
 entry point, and the progress bar."""
 import math

@@ -128,7 +128,7 @@ def test_radius_formula():
     assert res.radius == pytest.approx(0.7 * norm.ppf(res.p_lower)) and math.isfinite(res.radius)
 
 
-# ------------------------------------------------------------------------------------ issue #14
+# ------------------------------------------------------------------------------------ refused input
 def test_nan_input_is_refused_not_certified():
     """Before: the argmax of NaN logits is class 0 for every sample, so a NaN input was 'certified'
     as class 0 with radius ~0.42 (sigma 0.25, n 100)."""

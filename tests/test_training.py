@@ -152,7 +152,7 @@ def test_num_train_takes_a_class_balanced_subset():
     assert len(trainer.Y) == 400 and len(set(trainer.Y.tolist())) == 10
 
 
-# ------------------------------------------------------------------------------------ issue #14
+# ------------------------------------------------------------------------------------ refused input
 def test_fit_ramp():
     assert fit_ramp(10, 50, 100, 10) == (10, 50, False)  # ends at step 60 <= 100 - 10: untouched
     assert fit_ramp(10, 50, 60, 10) == (8, 42, True)     # 60 > 50: scaled by 50/60, ends at 50
