@@ -144,8 +144,11 @@ def test_nonconvergence_policies():
     u = torch.randn(2, cell.n, dtype=F64)
     with pytest.raises(DEQConvergenceError, match=r"forward solve with anderson did not converge: "
                                                   r"residual .* after 1 iterations"):
-        DEQ(cell, tol=1e-12, max_iter=1, on_nonconvergence="raise")(u)
+        DEQ(cell, solver="anderson", tol=1e-12, max_iter=1, on_nonconvergence="raise")(u)
     assert issubclass(DEQConvergenceError, RuntimeError)
+    with pytest.raises(DEQConvergenceError, match=r"with peaceman_rachford .* Hint: raise max_iter "
+                                                  r"\(Peaceman-Rachford converges"):
+        DEQ(cell, tol=1e-12, max_iter=1, on_nonconvergence="raise")(u)  # the monotone default
     with pytest.warns(DEQConvergenceWarning, match="peaceman_rachford.*margin"):
         DEQ(cell, tol=1e-12, max_iter=2, on_nonconvergence="warn")(u)
     with warnings.catch_warnings():

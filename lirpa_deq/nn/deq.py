@@ -22,6 +22,23 @@ from .cells.base import ReLUAffineCell
 from .generic import generic_solve, generic_state_shape
 
 ON_NONCONVERGENCE = ("warn", "raise", "ignore")
+DEFAULT_MAX_ITER = 50
+MONOTONE_DEFAULT_MAX_ITER = 200
+
+
+def default_solver(cell: nn.Module) -> str:
+    """The solver a :class:`DEQ` uses for ``cell`` when none is named.
+
+    ``'peaceman_rachford'`` for ReLU-affine cells with ``guarantee == 'monotone'``: its
+    convergence is guaranteed for every raw weight (safeguarded Anderson acceleration and the
+    step from the proved bounds keep the proven contraction factor; see
+    ``lirpa_deq.solvers.pr``). Anderson, the default elsewhere, has no such guarantee and
+    stalls on ill-conditioned monotone cells. Everything else (IBP-MonDEQ, norm-constrained and
+    generic cells, which are contractive or assumed so): ``'anderson'``.
+    """
+    if isinstance(cell, ReLUAffineCell) and getattr(cell, "guarantee", None) == "monotone":
+        return "peaceman_rachford"
+    return "anderson"
 
 
 class DEQConvergenceError(RuntimeError):
@@ -54,8 +71,14 @@ class DEQ(nn.Module):
 
     forward(u, z0=None) -> z*, of u's shape for ReLU-affine cells (``(B, n)`` or ``(B, C, H, W)``).
     solver / backward_solver: names from ``lirpa_deq.solvers.SOLVERS`` (the backward solver
-    defaults to the forward one). tol / max_iter: forward stopping rule (relative residual
-    ``||f(z) - z|| / ||z||`` per sample); backward_* default to the forward values.
+    defaults to the forward one). ``solver=None`` means the cell's default (:func:`default_solver`):
+    ``'peaceman_rachford'`` for ``guarantee == 'monotone'`` cells (``MonLinear``, ``MonConv2d``;
+    it converges for every raw weight, with the step from the cell's proved bounds), else
+    ``'anderson'``. tol / max_iter: forward stopping rule (relative residual
+    ``||f(z) - z|| / ||z||`` per sample); ``max_iter=None`` means 50, or
+    ``MONOTONE_DEFAULT_MAX_ITER`` (200) when the monotone default solver was chosen for you
+    (its iteration count grows with the conditioning ``||I - W|| / m``: 14 at initialisation,
+    40-80 for weights scrambled to ``||I - W|| ~ 1e3``). backward_* default to the forward values.
     implicit: False differentiates through the solver iterations instead (tests, small
     problems). on_nonconvergence: 'warn' | 'raise' (:class:`DEQConvergenceError`) | 'ignore'.
     solver_opts: passed to the solver(s) that accept them (e.g. ``m``, ``alpha``, ``damping``).
@@ -64,8 +87,8 @@ class DEQ(nn.Module):
     pass ``last_backward_stats`` holds the adjoint solve's.
     """
 
-    def __init__(self, cell: nn.Module, solver: str = "anderson", tol: float = 1e-4,
-                 max_iter: int = 50, backward_solver: str | None = None,
+    def __init__(self, cell: nn.Module, solver: str | None = None, tol: float = 1e-4,
+                 max_iter: int | None = None, backward_solver: str | None = None,
                  backward_tol: float | None = None, backward_max_iter: int | None = None,
                  implicit: bool = True, on_nonconvergence: str = "warn", **solver_opts):
         super().__init__()
@@ -73,6 +96,11 @@ class DEQ(nn.Module):
             raise TypeError(f"DEQ needs an nn.Module cell with forward(z, x) -> z, got {type(cell).__name__}")
         self.cell = cell
         self.generic = not isinstance(cell, ReLUAffineCell)
+        chosen = solver is not None
+        solver = default_solver(cell) if solver is None else solver
+        if max_iter is None:
+            monotone_default = not chosen and solver == "peaceman_rachford"
+            max_iter = MONOTONE_DEFAULT_MAX_ITER if monotone_default else DEFAULT_MAX_ITER
         self._solver = get_solver(solver)
         self._bsolver = get_solver(solver if backward_solver is None else backward_solver)
         if self.generic:
@@ -191,10 +219,16 @@ class DEQ(nn.Module):
         if stats.converged or policy == "ignore":
             return
         tol = self.tol if phase == "forward" else self.backward_tol
-        hint = ("raise max_iter, or check that the cell is a contraction in z "
-                "(lirpa_deq.bounds.generic.graph_lipschitz)" if self.generic else
-                "raise max_iter, use solver='peaceman_rachford' (converges for every monotone "
-                "cell), or check the cell's margin (cell.check())")
+        if self.generic:
+            hint = ("raise max_iter, or check that the cell is a contraction in z "
+                    "(lirpa_deq.bounds.generic.graph_lipschitz)")
+        elif stats.solver == "peaceman_rachford":
+            hint = ("raise max_iter (Peaceman-Rachford converges for every monotone cell, at a "
+                    "rate set by the conditioning ||I - W|| / m), or check the cell's margin "
+                    "(cell.check())")
+        else:
+            hint = ("raise max_iter, use solver='peaceman_rachford' (converges for every monotone "
+                    "cell), or check the cell's margin (cell.check())")
         msg = (f"DEQ {phase} solve with {stats.solver} did not converge: residual "
                f"{stats.residual:.3e} > tol {tol:g} after {stats.iterations} iterations. Hint: {hint}.")
         if policy == "raise":

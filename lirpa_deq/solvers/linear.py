@@ -29,7 +29,8 @@ def dense_resolvent(L0: torch.Tensor, alpha: float):
 def cgnr(apply_K, apply_KT, b: torch.Tensor, x0: torch.Tensor, *, tol: float, max_iter: int):
     """Solve ``K x = b`` per sample by conjugate gradients on ``K^T K x = K^T b``.
 
-    b, x0: ``(B, ...)``. Stops when ``||b - K x|| <= tol ||b||`` for every sample or after
+    b, x0: ``(B, ...)``; tol: float or per-sample tensor ``(B,)``.
+    Stops when ``||b - K x|| <= tol ||b||`` for every sample or after
     ``max_iter`` iterations; converged samples stop moving. Returns ``x`` (no stats: PR checks
     its own fixed-point residual, which is what matters).
     """
@@ -66,7 +67,7 @@ def iterative_resolvent(lin0, lin0_t, alpha: float, *, tol: float, max_iter: int
         return (1 + alpha) * x - alpha * lin0_t(x)
 
     def apply(rhs, x0=None, call_tol=None):
-        t = tol if call_tol is None else max(tol, call_tol)
+        t = tol if call_tol is None else torch.as_tensor(call_tol).clamp(min=tol)
         return cgnr(K, KT, rhs, rhs / (1 + alpha) if x0 is None else x0, tol=t, max_iter=max_iter)
 
     return apply

@@ -8,7 +8,8 @@ import inspect
 from .anderson import anderson
 from .broyden import broyden
 from .fixed_point import fixed_point_iter
-from .splitting import forward_backward, peaceman_rachford
+from .pr import peaceman_rachford
+from .splitting import forward_backward
 
 SOLVERS = {
     "anderson": anderson,

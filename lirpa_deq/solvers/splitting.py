@@ -6,14 +6,10 @@ Since ``prox`` (relu, or a 0/1 mask) commutes with positive diagonal scaling, th
 iterate on ``y = S z``, where ``y = prox(L0 y + S b)`` is monotone, and report residuals and
 results in ``z``. Residuals are those of the DEQ map ``problem(z)`` (same as every solver).
 
-- forward-backward: ``y <- prox((1 - a) y + a (L0 y + S b))``; converges for
-  ``0 < a < 2 m / ||I - L0||^2``. Default (:func:`default_fb_alpha`): ``a = m / B^2`` with
-  ``B`` a proven bound on ``||I - L0||_2`` (proven factor ``sqrt(1 - m^2 / B^2)``), or
-  ``a = 1`` when a proven ``||L0||_2`` bound is smaller than that factor (contractive cells).
-- Peaceman-Rachford: with ``V = ((1 + a) I - a L0)^-1``, state ``(y, v)``:
-  ``u = 2y - v; y_h = V(u + a S b); v = 2 y_h - u; y = prox(v)``. Converges for every
-  ``a > 0``; ``v`` is initialised as ``y0 + a (L0 y0 + S b - y0)`` so that a warm start at
-  the fixed point is already stationary.
+This module: the ``y``-coordinate form with its proven operator bounds, the default step
+sizes (:mod:`.steps` derives them), and forward-backward
+``y <- prox((1 - a) y + a (L0 y + S b))``, which converges for ``0 < a < 2 m / ||I - L0||^2``
+(and any step with a proven factor ``< 1``). Peaceman-Rachford is in :mod:`.pr`.
 """
 from __future__ import annotations
 
@@ -22,9 +18,9 @@ import math
 import torch
 
 from ._common import check_common
-from .linear import dense_resolvent, iterative_resolvent
 from .problem import ReLUAffineProblem
 from .stats import Tracker, batch_mask, per_sample_residual
+from .steps import MonotoneBounds, fb_alpha, pr_alpha
 
 
 def _require_problem(problem, name):
@@ -65,10 +61,7 @@ class _MonotoneForm:
 
     @torch.no_grad()
     def l0_norm_bound(self) -> float:
-        """A proven upper bound on ``||L0||_2`` (exact for dense operators)."""
-        L = self.matrix()
-        if L is not None:
-            return float(torch.linalg.matrix_norm(L.detach(), ord=2))
+        """A proven upper bound on ``||L0||_2`` (for matrix-free operators)."""
         if self.s is None:
             nb = self.p.norm_bound()
             if nb is not None:
@@ -82,35 +75,81 @@ class _MonotoneForm:
         return math.sqrt(float(rows) * float(cols))
 
     @torch.no_grad()
-    def i_minus_l0_norm_bound(self, l0_bound: float) -> float:
-        """A proven upper bound on ``||I - L0||_2`` (exact for dense operators)."""
+    def bounds(self, full: bool = False):
+        """``(sym_max, skew, lip, l0)``: proven upper bounds on ``lambda_max(sym(I - L0))``,
+        ``||skew(I - L0)||``, ``||I - L0||`` and ``||L0||`` (all ``_2``; see :mod:`.steps`).
+
+        Dense operators: float64 eigenvalues of ``sym(M)`` and ``skew(M)^T skew(M)``
+        (``M = I - L0``; exact up to rounding, covered by a relative slack of 1e-9), then
+        ``lip = sym_max + skew`` and ``l0 = 1 + lip``, or with ``full`` the exact float64 norms
+        (two more eigenvalue problems). Matrix-free: the operator's ``norm_bound`` /
+        ``i_minus_w_norm_bound`` / ``monotone_parts_bound`` where present (the transpose has
+        the same values), else bounds implied by ``||L0||``. Cached per instance.
+        """
+        cache = self.__dict__.setdefault("_bounds", {})
+        if full in cache:
+            return cache[full]
         L = self.matrix()
-        if L is None:
-            fn = getattr(self.p.op, "i_minus_w_norm_bound", None)
-            if self.s is None and fn is not None:  # ||I - W^T|| = ||I - W||
-                return min(1.0 + l0_bound, float(fn(self.p.state_shape)))
-            return 1.0 + l0_bound
-        eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
-        return float(torch.linalg.matrix_norm(eye - L.detach(), ord=2))
+        if L is not None:
+            L = L.detach().double()
+            M = torch.eye(L.shape[0], dtype=L.dtype, device=L.device) - L
+            S, K = (M + M.T) / 2, (M - M.T) / 2
+
+            def top(X):
+                return max(float(torch.linalg.eigvalsh(X)[-1]), 0.0) * (1 + 1e-9)
+
+            sym_max, skew = top(S), math.sqrt(top(K.T @ K))
+            if full:
+                lip, l0 = math.sqrt(top(M.T @ M)), math.sqrt(top(L.T @ L))
+            else:
+                lip = sym_max + skew
+                l0 = 1.0 + lip
+        else:
+            l0 = self.l0_norm_bound()
+            lip, sym_max, skew = 1.0 + l0, 1.0 + l0, l0
+            op, shape = self.p.op, self.p.state_shape
+            if self.s is None:
+                fn = getattr(op, "i_minus_w_norm_bound", None)
+                if fn is not None:
+                    lip = min(lip, float(fn(shape)))
+                fn = getattr(op, "monotone_parts_bound", None)
+                if fn is not None:
+                    sb, kb = fn(shape)
+                    sym_max, skew = min(sym_max, float(sb)), min(skew, float(kb))
+            skew = min(skew, lip)
+        cache[full] = (sym_max, skew, lip, l0)
+        return cache[full]
+
+    def monotone_bounds(self, full: bool = False) -> MonotoneBounds | None:
+        """:class:`MonotoneBounds` with the problem's margin, None without a margin > 0."""
+        m = self.p.margin
+        if m is None or not m > 0:
+            return None
+        return MonotoneBounds(float(m), *self.bounds(full))
 
 
 def default_fb_alpha(problem: ReLUAffineProblem) -> float:
-    """A forward-backward step with a proven contraction factor (see module docstring).
+    """A forward-backward step with a proven contraction factor (:func:`.steps.fb_alpha`).
 
-    Two certificates for the FB map's Lipschitz constant ``q(a)``: monotonicity gives
-    ``q(a)^2 <= 1 - 2 a m + a^2 B^2`` (``B >= ||I - L0||``), minimised by ``a = m / B^2``;
-    and for ``a = 1`` the map is ``prox(L0 y + b)`` with ``q <= ||L0||``. The step with the
-    smaller certified ``q`` is returned. Needs ``problem.margin > 0``.
+    Needs ``problem.margin > 0``. The step is in ``(0, 2 m / B^2]`` (``B >= ||I - L0||``), or
+    ``1`` where a proven ``||L0||`` is smaller than the certified factor (contractive cells).
     """
-    m = problem.margin
-    if m is None or not m > 0:
+    b = _MonotoneForm(problem).monotone_bounds(full=True)
+    if b is None:
         raise ValueError("forward_backward needs either alpha=... or a problem with a "
-                         f"monotonicity margin > 0 (got margin={m!r})")
-    mf = _MonotoneForm(problem)
-    nb = mf.l0_norm_bound()
-    B = mf.i_minus_l0_norm_bound(nb)
-    a, q = float(m) / B ** 2, math.sqrt(max(0.0, 1 - (float(m) / B) ** 2))
-    return 1.0 if nb < q else a
+                         f"monotonicity margin > 0 (got margin={problem.margin!r})")
+    return fb_alpha(b)
+
+
+def default_pr_alpha(problem: ReLUAffineProblem) -> float:
+    """The Peaceman-Rachford step minimising the proven contraction bound
+    (:func:`.steps.pr_alpha`); ``1 / B`` (``B >= ||I - L0||``) without a margin."""
+    return _pr_alpha_of(_MonotoneForm(problem))
+
+
+def _pr_alpha_of(mf: _MonotoneForm) -> float:
+    b = mf.monotone_bounds()
+    return 1.0 / max(mf.bounds()[2], 1e-12) if b is None else pr_alpha(b)
 
 
 def forward_backward(problem, z0: torch.Tensor, *, tol: float = 1e-4, max_iter: int = 50,
@@ -138,48 +177,4 @@ def forward_backward(problem, z0: torch.Tensor, *, tol: float = 1e-4, max_iter: 
     return tr.result()
 
 
-def peaceman_rachford(problem, z0: torch.Tensor, *, tol: float = 1e-4, max_iter: int = 50,
-                      alpha: float = 1.0, cg_tol: float | None = None, cg_max_iter: int = 100):
-    """Peaceman-Rachford splitting. problem: :class:`ReLUAffineProblem`; z0: ``(B, *state)``.
-
-    alpha: any ``a > 0``. The resolvent is a dense inverse (computed once per call) when the
-    operator has a ``matrix``, otherwise CGNR warm-started from the previous step, to relative
-    residual ``max(cg_tol, 0.01 * current PR residual)`` (``cg_tol`` default ``tol / 10``,
-    floored at ``10 eps``) with at most ``cg_max_iter`` iterations per PR step.
-    Returns ``(z, SolverStats)``.
-    """
-    _require_problem(problem, "peaceman_rachford")
-    check_common(tol, max_iter)
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha!r}")
-    a = float(alpha)
-    mf, tr = _MonotoneForm(problem), Tracker(tol, "peaceman_rachford")
-    L0 = mf.matrix()
-    if L0 is not None:
-        V = dense_resolvent(L0, a)
-    else:
-        eps = torch.finfo(z0.dtype).eps
-        ct = max(0.1 * tol, 10 * eps) if cg_tol is None else float(cg_tol)
-        V = iterative_resolvent(mf.lin, mf.lin_t, a, tol=ct, max_iter=cg_max_iter)
-    y = mf.to_y(z0)
-    pre = mf.lin(y) + mf.bias
-    tr.observe(z0, mf.residual(y, pre))
-    v = y + a * (pre - y)
-    y_half = y
-    while not tr.done() and tr.iterations < max_iter:
-        u_half = 2 * y - v
-        # Inexact resolvents: early PR steps need less CG accuracy; the errors are summable
-        # because the loosening follows the (geometrically decaying) PR residual.
-        y_half = V(u_half + a * mf.bias, y_half, 0.01 * float(tr.best_res.max()))
-        v_new = 2 * y_half - u_half
-        act = batch_mask(tr.active, y)
-        v = torch.where(act, v_new, v)
-        y = torch.where(act, problem.prox(v_new), y)
-        tr.iterations += 1
-        pre = mf.lin(y) + mf.bias
-        tr.observe(mf.to_z(y), mf.residual(y, pre))
-    return tr.result()
-
-
 forward_backward.requires_problem = True
-peaceman_rachford.requires_problem = True

@@ -165,11 +165,16 @@ class MonConvOperator(_ConvOperatorBase):
     def _part_norms(self, state_shape):
         # With E the interior embedding, A = E^T C_A E and B - B^T = E^T (C_B - C_B^T) E, so
         # ||A|| <= ||C_A|| and ||B - B^T|| <= max_k ||B_hat(k) - B_hat(k)^H||.
+        # Cached per image size and parameter version (the solvers ask for several bounds).
         H, W = int(state_shape[-2]), int(state_shape[-1])
-        a = float(circular_conv_norm(self.A, H, W))
-        Bb = circular_blocks(self.B, H, W)
-        skew = float(torch.linalg.matrix_norm(Bb - Bb.transpose(-2, -1).conj(), ord=2).max())
-        return a, skew
+        key = (H, W, self.A._version, self.B._version)
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        if key not in cache:
+            a = float(circular_conv_norm(self.A, H, W))
+            Bb = circular_blocks(self.B, H, W)
+            skew = float(torch.linalg.matrix_norm(Bb - Bb.transpose(-2, -1).conj(), ord=2).max())
+            cache[key] = (a, skew)
+        return cache[key]
 
     def norm_bound(self, state_shape):
         """Proven ``||W||_2 <= |1 - m| + ||A||^2 + ||B - B^T||`` (circular-embedding bounds)."""
@@ -180,6 +185,12 @@ class MonConvOperator(_ConvOperatorBase):
         """Proven ``||I - W||_2 <= m + ||A||^2 + ||B - B^T||``."""
         a, skew = self._part_norms(state_shape)
         return self.m + a * a + skew
+
+    def monotone_parts_bound(self, state_shape):
+        """Proven ``(s, k)`` with ``sym(I - W) = m I + A^T A <= s I`` and
+        ``||skew(I - W)||_2 = ||B - B^T||_2 <= k`` (used for the splitting step sizes)."""
+        a, skew = self._part_norms(state_shape)
+        return self.m + a * a, skew
 
     def _probe_dtype_device(self):
         return dict(dtype=self.A.dtype, device=self.A.device)
