@@ -246,3 +246,65 @@ def test_cuda_deq(cid):
         z = deq(u)
         z.sum().backward()
         assert z.device.type == "cuda" and u.grad.device.type == "cuda"
+
+
+# ---------------------------------------------------------------- default solver per cell (#14)
+@pytest.mark.parametrize("cid", CELL_IDS)
+def test_default_solver_per_cell(cid):
+    cell = make_cell(SPEC[cid])
+    deq = DEQ(cell)
+    mono = cell.guarantee == "monotone"
+    assert deq.solver == deq.backward_solver == ("peaceman_rachford" if mono else "anderson")
+    assert deq.max_iter == deq.backward_max_iter == (200 if mono else 50)
+    chosen = DEQ(cell, solver="anderson")  # a named solver keeps the old budget
+    assert chosen.solver == "anderson" and chosen.max_iter == 50
+    assert DEQ(cell, solver=None, max_iter=7).max_iter == 7
+    assert DEQ(nn.Linear(3, 3)).solver == "anderson"  # generic cell
+
+
+def scrambled_cell(kind, seed, dtype=F64):
+    """Every raw parameter + 2 randn: ||I - W|| ~ 500 at m = 0.5 (fc n = 24, conv 3 channels)."""
+    torch.manual_seed(seed)
+    cell = L.MonLinear(24, dtype=dtype) if kind == "fc" else L.MonConv2d(3, dtype=dtype)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.add_(2 * torch.randn_like(p))
+    shape = (5, 24) if kind == "fc" else (3, 3, 7, 6)
+    return cell, torch.randn(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", ["fc", "conv"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scrambled_default_solve_and_backward_converge(kind, seed):
+    cell, u = scrambled_cell(kind, seed)
+    deq = DEQ(cell, tol=1e-6, on_nonconvergence="raise")  # the default solver for this cell
+    uu = u.clone().requires_grad_()
+    z = deq(uu)
+    st = deq.last_stats
+    assert st.solver == "peaceman_rachford" and st.converged and st.iterations <= 100
+    # the output is one cell step past z* (residual <= tol there): its own residual may be up
+    # to ||W|| times larger
+    Wd = cell.operator().dense(None if kind == "fc" else tuple(u.shape[1:])).detach()
+    assert float(fixed_point_residual(cell, z, u).max()) <= 1e-6 * float(torch.linalg.svdvals(Wd).max())
+    w = torch.randn_like(u)
+    (z * w).sum().backward()
+    bst = deq.last_backward_stats
+    assert bst.converged and bst.iterations <= 100
+    if kind == "fc":  # exact implicit gradient: dz = (I - D W)^-1 D du, so du = D (I - W^T D)^-1 w
+        I = torch.eye(Wd.shape[0], dtype=F64)
+        with torch.no_grad():
+            D = (z.detach() > 0).to(F64)
+            ref = torch.stack([d * torch.linalg.solve(I - Wd.T @ torch.diag(d), wi) for d, wi in zip(D, w)])
+        torch.testing.assert_close(uu.grad, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_scrambled_old_default_fails_new_default_converges():
+    """The issue: Anderson (the old default) stops at max_iter with a large residual on a
+    scrambled MonLinear; the new default converges within its budget, float32 included."""
+    cell, u = scrambled_cell("fc", 0, dtype=torch.float32)
+    old = DEQ(cell, solver="anderson", max_iter=50, on_nonconvergence="ignore")
+    old(u)
+    new = DEQ(cell, on_nonconvergence="raise")
+    new(u)
+    assert not old.last_stats.converged and old.last_stats.residual > 1e-2
+    assert new.last_stats.converged and new.last_stats.iterations < 100

@@ -3,9 +3,12 @@ import pytest
 import torch
 
 import lirpa_deq.nn as L
-from lirpa_deq.solvers import (SOLVERS, ReLUAffineProblem, SolverStats, anderson, broyden,
-                               default_fb_alpha, fixed_point_iter, forward_backward, get_solver,
-                               peaceman_rachford)
+from lirpa_deq.solvers import (SOLVERS, MonotoneBounds, ReLUAffineProblem, SolverStats, anderson,
+                               broyden, default_fb_alpha, default_pr_alpha, fb_rate,
+                               fixed_point_iter, forward_backward, get_solver, peaceman_rachford,
+                               pr_rate)
+from lirpa_deq.solvers.splitting import _MonotoneForm
+from lirpa_deq.solvers.steps import pr_alpha
 from test_nn_common import CELL_IDS, CELL_SPECS, fixed_point_residual, make_cell, state_shape
 
 SPEC = dict(zip(CELL_IDS, CELL_SPECS))
@@ -192,3 +195,150 @@ def test_float32_solvers():
     for name in SOLVERS:
         z, st = solve(name, prob, tol=1e-4, max_iter=100)
         assert z.dtype == torch.float32 and st.converged, name
+
+
+# ---------------------------------------------------------------- scrambled monotone weights (#14)
+def scrambled(kind, seed, dtype=torch.float64):
+    """MonLinear(32) / MonConv2d(4) with every raw parameter set to param + 2 randn
+    (``||I - W||`` ~ 500 at m = 0.5); batch of 6 injections (conv: 8x8 images)."""
+    torch.manual_seed(seed)
+    cell = L.MonLinear(32, dtype=dtype) if kind == "fc" else L.MonConv2d(4, dtype=dtype)
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.add_(2 * torch.randn(p.shape, generator=g, dtype=dtype))
+    shape = (6, 32) if kind == "fc" else (6, 4, 8, 8)
+    u = torch.randn(shape, generator=g, dtype=dtype)
+    return cell, u
+
+
+def dense_I_minus_W(cell, u):
+    Wd = cell.operator().dense(None if u.dim() == 2 else tuple(u.shape[1:])).detach().double()
+    return torch.eye(Wd.shape[0], dtype=torch.float64) - Wd
+
+
+@pytest.mark.parametrize("kind", ["fc", "conv"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scrambled_weights_pr_default_converges(kind, seed):
+    cell, u = scrambled(kind, seed)
+    prob = ReLUAffineProblem(cell.operator(), u, margin=cell.margin)
+    z, st = solve("peaceman_rachford", prob, tol=1e-6, max_iter=200)
+    assert st.converged and st.iterations <= 100, st
+    res = fixed_point_residual(cell, z, u)  # independent recomputation
+    assert float(res.max()) <= 1e-6 * 1.0001
+    # plain PR (anderson_m=0) reaches the same fixed point, with more iterations
+    z0, st0 = solve("peaceman_rachford", prob, tol=1e-6, max_iter=400, anderson_m=0)
+    assert st0.converged and st0.iterations > st.iterations
+    torch.testing.assert_close(z0, z, rtol=0, atol=1e-6 * float(z.abs().max()))
+
+
+def test_scrambled_float32_fc_converges():
+    """float32 reaches tol 1e-4 at n = 32 (the residual's rounding floor there is ~3e-5)."""
+    cell, u = scrambled("fc", 0, dtype=torch.float32)
+    prob = ReLUAffineProblem(cell.operator(), u, margin=cell.margin)
+    z, st = solve("peaceman_rachford", prob, tol=1e-4, max_iter=200)
+    assert st.converged and st.iterations <= 100 and z.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["fc", "conv"])
+def test_derived_fb_step_is_provably_convergent(kind):
+    cell, u = scrambled(kind, 0)
+    prob = ReLUAffineProblem(cell.operator(), u, margin=cell.margin)
+    a = default_fb_alpha(prob)
+    M = dense_I_minus_W(cell, u)
+    Lexact = float(torch.linalg.svdvals(M).max())
+    assert 0 < a <= 2 * cell.margin / Lexact ** 2
+    b = _MonotoneForm(prob).monotone_bounds(full=True)
+    q_exact = float(torch.linalg.svdvals(torch.eye(M.shape[0], dtype=M.dtype) - a * M).max())
+    assert q_exact <= fb_rate(a, b) < 1
+    # every FB step contracts the distance to z* by (at least) the proven factor
+    z_star, st = solve("peaceman_rachford", prob, tol=1e-12, max_iter=500)
+    assert st.converged
+    d = [float((z_star).flatten(1).norm(dim=1).max())]
+    z = torch.zeros_like(u)
+    for _ in range(50):
+        z, _ = solve("forward_backward", prob, z0=z, tol=0.0, max_iter=1, alpha=a)
+        d.append(float((z - z_star).flatten(1).norm(dim=1).max()))
+    q = fb_rate(a, b)
+    assert all(d1 <= q * d0 * (1 + 1e-9) + 1e-12 for d0, d1 in zip(d, d[1:]))
+    assert d[-1] < d[0]
+
+
+def test_fb_converges_with_its_derived_step_on_a_moderate_cell():
+    """Forward-backward to tol with the default step (q < 1 proven) on a moderately
+    scrambled cell (scale 0.3: ||I - W|| ~ 10); on the scale-2 cells above its proven factor
+    is 1 - 1e-6, so it only contracts (previous test), as slowly as promised."""
+    torch.manual_seed(0)
+    cell = L.MonLinear(16, dtype=torch.float64)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    u = torch.randn(4, 16, dtype=torch.float64)
+    prob = ReLUAffineProblem(cell.operator(), u, margin=cell.margin)
+    z, st = solve("forward_backward", prob, tol=1e-6, max_iter=20000)
+    assert st.converged
+    assert float(fixed_point_residual(cell, z, u).max()) <= 1e-6 * 1.0001
+
+
+@pytest.mark.parametrize("scale", [None, 2.0])
+def test_pr_and_fb_rates_bound_the_exact_factors(scale):
+    """The proven rates (steps.py) dominate the exact float64 norms of the linear parts:
+    ||(I - a M)(I + a M)^-1|| for PR, ||I - a M|| for FB, over a range of steps."""
+    cell = make_cell(SPEC["MonLinear"])
+    if scale is not None:
+        with torch.no_grad():
+            for p in cell.parameters():
+                p.add_(scale * torch.randn_like(p))
+    prob, u = problem_for(cell, 2)
+    M = dense_I_minus_W(cell, u)
+    E = torch.eye(M.shape[0], dtype=M.dtype)
+    b = _MonotoneForm(prob).monotone_bounds()
+    Lx = float(torch.linalg.svdvals(M).max())
+    for a in [0.1 / Lx, 1 / Lx, default_pr_alpha(prob), 1 / cell.margin]:
+        exact = float(torch.linalg.svdvals((E - a * M) @ torch.linalg.inv(E + a * M)).max())
+        assert exact <= pr_rate(a, b) + 1e-12 < 1
+        # never worse than the (m, L)-only bound sqrt((1 - 2am + a^2L^2) / (1 + 2am + a^2L^2))
+        c = 1 + a * a * b.lip ** 2
+        assert pr_rate(a, b) <= ((c - 2 * a * b.m) / (c + 2 * a * b.m)) ** 0.5 + 1e-12
+    for a in [0.5 * b.m / Lx ** 2, 2 * b.m / Lx ** 2]:
+        assert float(torch.linalg.svdvals(E - a * M).max()) <= fb_rate(a, b) + 1e-12
+    # the derived PR step is (near-)optimal for the proven bound: within 1% of a fine search
+    fine = torch.logspace(-4, 1, 2000, dtype=torch.float64)
+    assert pr_rate(default_pr_alpha(prob), b) <= float(pr_rate(fine, b).min()) * 1.01
+
+
+def test_pr_rate_closed_forms():
+    # symmetric M (no skew): a = 1 / sqrt(m s), delta = (sqrt(k) - 1) / (sqrt(k) + 1)
+    b = MonotoneBounds(m=0.5, sym_max=50.0, skew=0.0, lip=50.0, l0=51.0)
+    a = pr_alpha(b)
+    assert a == pytest.approx(0.2, rel=0.05)
+    assert 9 / 11 <= pr_rate(a, b) <= 9 / 11 * 1.002  # rigorous cells: an upper bound, tight
+    # only m and L known (skew dominates): a = 1 / L, delta = sqrt((L - m) / (L + m))
+    b = MonotoneBounds(m=0.5, sym_max=0.5, skew=100.0, lip=100.0, l0=101.0)
+    assert pr_alpha(b) == pytest.approx(0.01, rel=0.05)
+    delta = (99.5 / 100.5) ** 0.5
+    assert delta <= pr_rate(pr_alpha(b), b) <= delta * 1.0001
+    with pytest.raises(ValueError, match="m > 0"):
+        MonotoneBounds(m=0.0, sym_max=1.0, skew=0.0, lip=1.0, l0=1.0)
+
+
+def test_scrambled_adjoint_problem_converges():
+    """The backward system h = D (W^T h + g) with scrambled weights, against a direct solve."""
+    cell, u = scrambled("fc", 1)
+    op = cell.operator()
+    g = torch.randn_like(u)
+    mask = (torch.rand_like(g) > 0.4).to(g.dtype)
+    prob = ReLUAffineProblem(op, g, margin=cell.margin, transpose=True, mask=mask)
+    h, st = solve("peaceman_rachford", prob, z0=mask * g, tol=1e-10, max_iter=300)
+    assert st.converged
+    Wd = op.dense().detach()
+    I = torch.eye(Wd.shape[0], dtype=g.dtype)
+    expected = torch.stack([torch.linalg.solve(I - torch.diag(m) @ Wd.T, m * gi) for m, gi in zip(mask, g)])
+    torch.testing.assert_close(h, expected, rtol=0, atol=1e-7 * float(expected.abs().max()))
+
+
+def test_bad_pr_anderson_options():
+    prob, _ = problem_for(make_cell(SPEC["MonLinear"]), 2)
+    for kw in (dict(anderson_m=-1), dict(anderson_m=1.5), dict(anderson_lam=-1.0)):
+        with pytest.raises(ValueError, match="anderson_"):
+            solve("peaceman_rachford", prob, **kw)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-_T_CELLS = 256
+_T_CELLS = 1024
 _A_POINTS = 241
 
 
