@@ -29,7 +29,7 @@ import numbers
 import torch
 
 from ..rounding import dot_error
-from ..solvers import get_solver, requires_problem
+from ..solvers import generic_solver_names, get_solver, requires_problem
 
 
 class IntervalProofError(RuntimeError):
@@ -67,8 +67,8 @@ class IntervalOptions:
             raise TypeError(f"{where.format('solver')} must be a solver name (str), got {self.solver!r}")
         if requires_problem(get_solver(self.solver)):  # get_solver validates the name
             raise ValueError(f"{where.format('solver')}={self.solver!r} is a splitting solver for the point "
-                             "DEQ; the interval system needs a generic one: 'anderson', 'broyden' or "
-                             "'fixed_point_iter'")
+                             "DEQ; the interval system needs a generic one: "
+                             f"{', '.join(map(repr, generic_solver_names()))}")
         for name in ("tol", "inflate_rel", "inflate_abs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 <= value < math.inf):

@@ -1,6 +1,9 @@
 """Name -> solver registry. Every solver has the signature
 ``solve(f, z0, *, tol, max_iter, **opts) -> (z, SolverStats)``; those with
-``requires_problem = True`` need ``f`` to be a :class:`ReLUAffineProblem`."""
+``requires_problem = True`` need ``f`` to be a :class:`ReLUAffineProblem`.
+
+:func:`register_solver` adds a solver under a name; every place that takes a solver name (``DEQ(solver=...)``,
+``bound_opts={'deq': {'solver': ...}}`` for the interval search, smoothing) looks names up here."""
 from __future__ import annotations
 
 import inspect
@@ -18,6 +21,35 @@ SOLVERS = {
     "forward_backward": forward_backward,
     "peaceman_rachford": peaceman_rachford,
 }
+
+
+def register_solver(name: str, fn, *, requires_problem: bool = False, replace: bool = False):
+    """Register ``fn`` as solver ``name`` and return it.
+
+    fn: ``fn(f, z0, *, tol, max_iter, **opts) -> (z, SolverStats)`` solving ``z = f(z)`` batched over the
+    leading dimension of ``z0`` (options are keyword-only). requires_problem: True if ``f`` must be a
+    :class:`ReLUAffineProblem` (splitting methods; such solvers serve ReLU-affine point solves only).
+    replace: allow re-registering an existing name (built-in names included)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a solver name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"solver {name!r} must be callable, got {type(fn).__name__}")
+    params = inspect.signature(fn).parameters
+    missing = [k for k in ("tol", "max_iter") if k not in params]
+    if missing or len([p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) < 2:
+        raise TypeError(f"solver {name!r} must have the signature fn(f, z0, *, tol, max_iter, **opts); "
+                        f"missing: {missing or ['the positional arguments f, z0']}")
+    if name in SOLVERS and not replace:
+        raise ValueError(f"solver {name!r} is already registered; pass replace=True to replace it")
+    if requires_problem:
+        fn.requires_problem = True
+    SOLVERS[name] = fn
+    return fn
+
+
+def generic_solver_names() -> list:
+    """Names of the registered solvers that accept any map ``f`` (not only a ReLUAffineProblem)."""
+    return sorted(name for name, fn in SOLVERS.items() if not requires_problem(fn))
 
 
 def get_solver(name: str):
