@@ -270,3 +270,10 @@ def test_nan_cell_weights_are_refused_before_any_solve(make):
     x = torch.rand(2, 4) if not isinstance(cell, IBPMonConv2d) else torch.rand(2, 2, 3, 3)
     with pytest.raises(ValueError, match="contains NaN or inf"):
         BoundedModule(nn.Sequential(DEQ(cell)), x)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 5), (3, 1, 3), (4, 3)])
+def test_wrongly_shaped_specification_says_what_was_expected(shape):
+    model, x = _fc()
+    with pytest.raises(ValueError, match=r"C must have shape \(batch, specifications, outputs\) = \(2, S, 3\)"):
+        _bounds(model, x, 0.1, "CROWN", C=torch.ones(shape))

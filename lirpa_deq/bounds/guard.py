@@ -27,11 +27,28 @@ def _has_deq(bounded):
     return cached
 
 
-def check_specification(C):
-    """ValueError unless the specification matrix C (a tensor, or None) is finite."""
-    if isinstance(C, torch.Tensor) and C.is_floating_point() and not bool(torch.isfinite(C).all()):
+def check_specification(C, batch=None, outputs=None):
+    """ValueError unless the specification matrix C (a tensor, or None) is finite and, where known,
+    shaped (batch, specifications, outputs)."""
+    if not isinstance(C, torch.Tensor):
+        return
+    expected = f"(batch, specifications, outputs) = ({batch if batch is not None else 'B'}, S, " \
+               f"{outputs if outputs is not None else 'K'})"
+    if C.dim() != 3 or (batch is not None and C.shape[0] != batch) or \
+            (outputs is not None and C.shape[2] != outputs):
+        raise ValueError(f"the specification matrix C must have shape {expected}, got {tuple(C.shape)}")
+    if C.is_floating_point() and not bool(torch.isfinite(C).all()):
         raise ValueError("the specification matrix C contains NaN or inf: every bound would be NaN; "
                          "build C from finite values (e.g. one-hot margins of the labels)")
+
+
+def _shapes(bounded, x):
+    """(batch of the given input, outputs per sample of the model) where they can be read off."""
+    first = x[0] if isinstance(x, (tuple, list)) and x else x
+    batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None
+    shape = getattr(bounded.final_node(), "output_shape", None)
+    outputs = int(torch.Size(shape[1:]).numel()) if shape is not None and len(shape) > 1 else None
+    return batch, outputs
 
 
 def install(bounded_module_class):
@@ -44,7 +61,9 @@ def install(bounded_module_class):
     def compute_bounds(self, *args, **kwargs):
         if not _has_deq(self):
             return original(self, *args, **kwargs)
-        check_specification(kwargs.get("C", args[2] if len(args) > 2 else None))
+        C = kwargs.get("C", args[2] if len(args) > 2 else None)
+        if isinstance(C, torch.Tensor):
+            check_specification(C, *_shapes(self, kwargs.get("x", args[0] if args else None)))
         try:
             return original(self, *args, **kwargs)
         except NotImplementedError as err:
