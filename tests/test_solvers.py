@@ -342,3 +342,95 @@ def test_bad_pr_anderson_options():
     for kw in (dict(anderson_m=-1), dict(anderson_m=1.5), dict(anderson_lam=-1.0)):
         with pytest.raises(ValueError, match="anderson_"):
             solve("peaceman_rachford", prob, **kw)
+
+
+# ------------------------------------------------------------------- compacting Anderson (row stopping)
+def _affine_rows(n=6, B=8, seed=0):
+    """``f_i(z) = A z + b_i`` with ``||A||_2 = 0.6`` (a contraction), float64; the exact fixed points."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A *= 0.6 / torch.linalg.matrix_norm(A, 2)
+    b = torch.randn(B, n, generator=g, dtype=torch.float64)
+    z_star = torch.linalg.solve(torch.eye(n, dtype=A.dtype) - A, b.T).T
+    return A, b, z_star
+
+
+def _run_compacting(A, b, accept_rule, **kw):
+    """compacting_anderson on the affine rows; records which original rows every step call saw."""
+    from lirpa_deq.solvers import compacting_anderson
+    seen = []
+    ids = torch.arange(b.shape[0])
+
+    def step(z, b_rows, id_rows):
+        seen.append(id_rows.tolist())
+        return z @ A.T + b_rows, id_rows
+
+    def stop_rows(it, z, id_rows):
+        return accept_rule(it, id_rows), (z.clone(), id_rows.clone())
+
+    res = compacting_anderson(step, torch.zeros_like(b), stop_rows, row_args=(b, ids), **kw)
+    return res, seen
+
+
+def test_compacting_anderson_converges_on_a_contraction():
+    A, b, z_star = _affine_rows()
+    never = lambda it, ids: torch.zeros_like(ids, dtype=torch.bool)  # noqa: E731
+    res, _ = _run_compacting(A, b, never, tol=1e-11, max_iter=100, m=5)
+    z, ids = res.outputs
+    assert torch.equal(ids, torch.arange(b.shape[0]))  # outputs come back in the original row order
+    torch.testing.assert_close(z, z_star, rtol=0, atol=1e-9)
+    assert (res.stop_iter < 100).all() and res.iterations == int(res.stop_iter.max())
+    # plain Picard needs far more iterations than Anderson on the same problem
+    res1, _ = _run_compacting(A, b, never, tol=1e-11, max_iter=500, m=1, lam=0.0)
+    torch.testing.assert_close(res1.outputs[0], z_star, rtol=0, atol=1e-9)
+    assert res1.iterations > res.iterations
+
+
+def test_compacting_anderson_stopped_row_is_frozen_and_dropped():
+    A, b, z_star = _affine_rows(B=4)
+    stop_row0 = lambda it, ids: ids == 0  # noqa: E731  (row 0 is accepted at the first test)
+    res, seen = _run_compacting(A, b, stop_row0, tol=1e-11, max_iter=100)
+    z, _ = res.outputs
+    assert res.stop_iter[0] == 0 and torch.equal(z[0], torch.zeros_like(z[0]))  # recorded at z0, kept
+    # 1 of 4 rows stopped: the batch is compacted at once, row 0 is never evaluated again
+    assert seen[0] == [0, 1, 2, 3] and seen[1] == [1, 2, 3] and all(0 not in s for s in seen[1:])
+    assert res.row_iterations == sum(len(s) for s in seen[1:]) and res.iterations == len(seen) - 1
+    torch.testing.assert_close(z[1:], z_star[1:], rtol=0, atol=1e-9)
+    # the other rows' iterates do not depend on row 0 being stopped
+    never = lambda it, ids: torch.zeros_like(ids, dtype=torch.bool)  # noqa: E731
+    ref, _ = _run_compacting(A, b, never, tol=1e-11, max_iter=100)
+    assert torch.equal(res.stop_iter[1:], ref.stop_iter[1:])
+    torch.testing.assert_close(z[1:], ref.outputs[0][1:], rtol=0, atol=1e-12)
+
+
+def test_compacting_anderson_carried_row_keeps_its_recorded_output():
+    A, b, z_star = _affine_rows(B=8)
+    stop_row0 = lambda it, ids: (ids == 0) & (it == 2)  # noqa: E731
+    res, seen = _run_compacting(A, b, stop_row0, tol=1e-11, max_iter=100)
+    # 7 of 8 still running: no compaction, row 0 is carried along but its output is that of it = 2
+    assert res.stop_iter[0] == 2 and seen[3] == list(range(8)) and (res.stop_iter[1:] > 3).all()
+    ref, _ = _run_compacting(A, b, lambda it, ids: torch.zeros_like(ids, dtype=torch.bool),
+                             tol=0.0, max_iter=2)
+    assert (ref.stop_iter == 2).all()
+    torch.testing.assert_close(res.outputs[0][0], ref.outputs[0][0], rtol=0, atol=0)
+    assert not torch.allclose(res.outputs[0][0], z_star[0], atol=1e-6)  # it really stopped early
+    torch.testing.assert_close(res.outputs[0][1:], z_star[1:], rtol=0, atol=1e-9)
+
+
+def test_compacting_anderson_min_iter_max_iter_and_map_kept():
+    A, b, _ = _affine_rows(B=5)
+    always = lambda it, ids: torch.ones_like(ids, dtype=torch.bool)  # noqa: E731
+    res, seen = _run_compacting(A, b, always, min_iter=3, max_iter=100, keep_map_at_min_iter=True)
+    assert (res.stop_iter == 3).all() and res.iterations == 3 and len(seen) == 4
+    torch.testing.assert_close(res.map_at_min_iter, res.outputs[0] @ A.T + b, rtol=0, atol=0)
+    res2, _ = _run_compacting(A, b, always, min_iter=0, max_iter=1)
+    assert (res2.stop_iter == 0).all() and res2.iterations == 0 and res2.map_at_min_iter is None
+
+
+@pytest.mark.parametrize("kw,match", [(dict(m=0), "memory m"), (dict(lam=-1.0), "lam"),
+                                      (dict(damping=0.0), "damping"), (dict(min_iter=-1), "min_iter"),
+                                      (dict(max_iter=0), "max_iter"), (dict(tol=-1.0), "tol")])
+def test_compacting_anderson_bad_options(kw, match):
+    A, b, _ = _affine_rows(B=2)
+    with pytest.raises(ValueError, match=match):
+        _run_compacting(A, b, lambda it, ids: ids >= 0, **kw)

@@ -1,13 +1,9 @@
-"""Fused, compacting Anderson solve for agreement-certified SRS (no proof obligations here).
+"""The fused, compacting solve of agreement-certified SRS (no proof obligations here).
 
-Profiling the chunked rescue (``fastpath.py`` before this module) showed that wall time was not
-proportional to row-iterations: every solver call rebuilt the cell operator (``A^T A``: as costly
-as an iteration on 400 rows), spent two extra operator applications (``f(z0)`` and the final cell
-step), restarted Anderson's history at every rescue chunk, kept iterating rows that had already
-converged or been certified (frozen with ``torch.where`` on the whole batch), and ran a float64
-check per chunk.  This module runs ONE Anderson solve per batch of noisy inputs with
+One Anderson solve (:func:`lirpa_deq.solvers.compacting.compacting_anderson`) per batch of noisy
+inputs, with
 
-* the operator built once per certification;
+* the cell operator built once per certification and re-used by every solve;
 * a float32 *stopping test* after every iteration that re-uses ``W z`` from the iteration itself
   (:class:`StopTest`, a conservative mirror of :meth:`AgreementCertifier.check`), so a row stops
   at the first iteration where its label looks certifiable;
@@ -21,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from lirpa_deq.solvers.compacting import compacting_anderson
 
 
 class StopTest:
@@ -64,11 +61,10 @@ class StopTest:
 class FusedAnderson:
     """Anderson acceleration on ``z = relu(W z + u)`` with per-row stopping and compaction.
 
-    op: the cell operator (built once); state_shape: one state's shape; m, lam, damping: Anderson's
-    options, same mixing problem as :func:`lirpa_deq.solvers.anderson.anderson` (regularised
-    normal equations), but the Gram matrix ``G G^T`` is updated one row per iteration (a batched
-    ``bmm`` of ``(k, N) x (N, k)`` blocks cost as much as the operator itself).  Statistics
-    accumulate in ``iterations`` (batched iterations), ``row_iterations`` (sum of active rows
+    op: the cell operator (built once); state_shape: one state's shape; stop: the stopping test;
+    m, lam, damping: Anderson's options (as :func:`lirpa_deq.solvers.anderson.anderson`). The
+    solver is :func:`~lirpa_deq.solvers.compacting.compacting_anderson`. Statistics accumulate
+    over solves in ``iterations`` (batched iterations), ``row_iterations`` (sum of running rows
     per iteration) and ``calls``.
     """
 
@@ -77,25 +73,13 @@ class FusedAnderson:
         self.m, self.lam, self.damping = int(m), float(lam), float(damping)
         self.iterations = self.row_iterations = self.calls = 0
 
-    def _pre(self, z, u):
-        return self.op.W(z.view((-1, *self.shape))).reshape(z.shape[0], -1) + u
-
-    def _weights(self, H, k, latest):
-        """``argmin ||G^T a||`` s.t. ``sum(a) = 1`` from the Gram matrix (as ``_mixing_weights``)."""
-        if k == 1:
-            return H.new_ones((H.shape[0], 1))
-        Hk = H[:, :k, :k]
-        scale = Hk.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(H.dtype).tiny)
-        Hk = Hk + (self.lam * scale).view(-1, 1, 1) * torch.eye(k, dtype=H.dtype, device=H.device)
-        a = torch.linalg.solve(Hk, torch.ones_like(Hk[..., :1]))[..., 0]
-        s = a.sum(dim=1, keepdim=True)
-        ok = s.abs() > torch.finfo(a.dtype).eps
-        fallback = torch.zeros_like(a)
-        fallback[:, latest] = 1
-        return torch.where(ok, a / torch.where(ok, s, torch.ones_like(s)), fallback)
+    def _step(self, z, u):
+        """``(relu(pre), pre)`` with ``pre = W z + u`` for flat ``z``, ``u`` of shape ``(R, N)``."""
+        pre = self.op.W(z.view((-1, *self.shape))).reshape(z.shape[0], -1) + u
+        return pre.clamp_min(0), pre
 
     def solve(self, u, z0, *, steps, max_iter, stop_tol, kappa=1e-3, chain=True):
-        """Solve for ``u`` (``(B, *state)``) from ``z0``.
+        """Solve for ``u`` (``(B, *state)``) from ``z0`` (same shape).
 
         Every row runs at least ``steps`` iterations.  After that a row stops at the first iterate
         that passes the stopping test, whose relative residual is ``<= stop_tol``, or at
@@ -107,72 +91,20 @@ class FusedAnderson:
         """
         B = u.shape[0]
         uf = u.reshape(B, -1)
-        z = z0.reshape(B, -1).to(uf.dtype)
-        states = torch.empty_like(uf)
-        labels = torch.empty(B, dtype=torch.int64, device=u.device)
-        passed = torch.zeros(B, dtype=torch.bool, device=u.device)
-        stop_iter = torch.zeros(B, dtype=torch.int64, device=u.device)
-        rows = torch.arange(B, device=u.device)              # active row -> original row
-        live = torch.ones(B, dtype=torch.bool, device=u.device)
-        F = G = H = X = None
-        count, it, chain_state, n_done = 0, 0, None, 0
+
+        def stop_rows(it, z, pre):
+            labels, ok, zc = self.stop(z, pre, kappa)
+            return ok, (zc, labels, ok)
+
         self.calls += 1
-        pre = self._pre(z, uf)
-        fz = pre.clamp_min(0)
-        while True:
-            g = fz - z
-            if it == steps and chain:
-                chain_state = fz.clone()
-            if it >= steps:
-                lab, ok, zc = self.stop(z, pre, kappa)
-                if it >= max_iter:
-                    done = live
-                else:
-                    res = g.norm(dim=1) / (z.norm(dim=1) + 1e-8)
-                    done = live & (ok | (res <= stop_tol))
-                sel = done.nonzero().flatten()  # (integer indices: boolean masks are slow on CPU)
-                if sel.numel():
-                    tgt = rows.index_select(0, sel)
-                    states.index_copy_(0, tgt, zc.index_select(0, sel))
-                    labels.index_copy_(0, tgt, lab.index_select(0, sel))
-                    passed.index_copy_(0, tgt, ok.index_select(0, sel))
-                    stop_iter[tgt] = it
-                    live = live & ~done
-                    n_live = live.numel() - n_done - sel.numel()
-                    n_done += sel.numel()
-                    if n_live == 0:
-                        break
-                    if 4 * n_live <= 3 * live.numel():           # compact: drop stopped rows
-                        keep = live.nonzero().flatten()
-                        rows, z, fz, g, uf = (t.index_select(0, keep) for t in (rows, z, fz, g, uf))
-                        if F is not None:
-                            F, G, H = (t.index_select(0, keep) for t in (F, G, H))
-                            X = None if X is None else X.index_select(0, keep)
-                        live = torch.ones(keep.numel(), dtype=torch.bool, device=u.device)
-                        n_done = 0
-            if F is None:
-                F, G = (uf.new_empty((uf.shape[0], self.m, uf.shape[1])) for _ in range(2))
-                H = uf.new_zeros((uf.shape[0], self.m, self.m))
-                X = None if self.damping == 1 else torch.empty_like(F)
-            slot = count % self.m
-            F[:, slot], G[:, slot] = fz, g
-            if X is not None:
-                X[:, slot] = z
-            count += 1
-            k = min(count, self.m)
-            h = (G[:, :k] * g[:, None, :]).sum(-1)            # new row / column of G G^T
-            H[:, slot, :k] = h
-            H[:, :k, slot] = h
-            alpha = self._weights(H, k, slot).unsqueeze(1)
-            z = torch.bmm(alpha, F[:, :k]).squeeze(1)
-            if X is not None:
-                z = self.damping * z + (1 - self.damping) * torch.bmm(alpha, X[:, :k]).squeeze(1)
-            pre = self._pre(z, uf)
-            fz = pre.clamp_min(0)
-            it += 1
-            self.iterations += 1
-            self.row_iterations += z.shape[0]
+        res = compacting_anderson(self._step, z0.reshape(B, -1).to(uf.dtype), stop_rows, row_args=(uf,),
+                                  min_iter=steps, max_iter=max_iter, tol=stop_tol, m=self.m, lam=self.lam,
+                                  damping=self.damping, keep_map_at_min_iter=chain)
+        self.iterations += res.iterations
+        self.row_iterations += res.row_iterations
+        states, labels, passed = res.outputs
+        chain_state = res.map_at_min_iter
         if chain and chain_state is None:  # only when every row stopped before `steps`
             chain_state = states.clone()
-        out = states.view(u.shape)
-        return (None if chain_state is None else chain_state.view(u.shape)), out, labels, passed, stop_iter
+        return (None if chain_state is None else chain_state.view(u.shape)), states.view(u.shape), labels, \
+            passed, res.stop_iter

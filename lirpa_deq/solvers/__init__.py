@@ -3,10 +3,12 @@
 Generic (any batched map ``f``): ``fixed_point_iter``, ``anderson``, ``broyden``.
 Structured (monDEQ splitting, need a :class:`ReLUAffineProblem`): ``forward_backward``,
 ``peaceman_rachford``. All return ``(z, SolverStats)`` and take a warm start ``z0``.
+Per-row stopping with batch compaction: ``compacting_anderson`` (returns a ``CompactingResult``).
 ``register_solver(name, fn)`` adds one.
 """
 from .anderson import anderson
 from .broyden import broyden
+from .compacting import CompactingResult, compacting_anderson
 from .fixed_point import fixed_point_iter
 from .problem import ReLUAffineProblem
 from .registry import (SOLVERS, generic_solver_names, get_solver, register_solver, requires_problem,
@@ -21,4 +23,5 @@ __all__ = [
     "ReLUAffineProblem", "per_sample_residual", "RESIDUAL_EPS", "default_fb_alpha",
     "default_pr_alpha", "MonotoneBounds", "fb_rate", "pr_rate",
     "fixed_point_iter", "anderson", "broyden", "forward_backward", "peaceman_rachford",
+    "compacting_anderson", "CompactingResult",
 ]
