@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from .._progress import progress_iter as _progress  # noqa: F401  (the bar of every smoothing loop)
-from ..validate import (check_alpha, check_finite, check_matches_model, check_positive_int,  # noqa: F401
+from .._progress import progress_iter
+from ..validate import (check_alpha, check_finite, check_matches_model, check_positive_int,
                         check_sample_sizes, check_sigma)
 from .stats import binom_two_sided_p, cp_lower
 
@@ -137,7 +137,7 @@ class Smooth:
         counts = torch.zeros(self.num_classes, dtype=torch.int64, device=x.device)
         remaining = num
         with torch.no_grad():
-            for _ in _progress(range(math.ceil(num / batch_size)), progress, "smoothing"):
+            for _ in progress_iter(range(math.ceil(num / batch_size)), progress, "smoothing"):
                 b = min(batch_size, remaining)
                 labels = self._labels(model, gaussian_noise(x, b, self.sigma, generator))
                 counts += torch.bincount(labels, minlength=self.num_classes)

@@ -22,8 +22,9 @@ import math
 
 import torch
 
+from .._progress import progress_iter
 from .agreement import AgreementCertifier
-from .core import _progress, gaussian_noise
+from .core import gaussian_noise
 from .fused import FusedAnderson, StopTest
 
 RETRIES = 2
@@ -178,7 +179,7 @@ class AgreementPass:
             remaining, start = num, 0
             if phase == "estimate":
                 c_a = int(torch.argmax(counts0))
-            for _ in _progress(range(math.ceil(num / batch_size)), progress, f"SRS {phase}"):
+            for _ in progress_iter(range(math.ceil(num / batch_size)), progress, f"SRS {phase}"):
                 u = self.pre(gaussian_noise(x, batch_size, sigma, gen))
                 self._setup(u)
                 b = min(batch_size, remaining)

@@ -31,8 +31,10 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
+from .._progress import progress_iter
+from ..validate import check_positive_int
 from .agreement import split_deq_model
-from .core import Smooth, CertifyResult, _progress, check_positive_int, gaussian_noise, make_generator
+from .core import Smooth, CertifyResult, gaussian_noise, make_generator
 from .fastpath import AgreementPass
 from .stats import hypergeom_upper
 
@@ -125,7 +127,7 @@ class SerializedSmooth(Smooth):
         extra noise whose predictions are discarded), so row-by-row warm starts always match.
         """
         remaining = num
-        for _ in _progress(range(math.ceil(num / batch_size)), progress, desc):
+        for _ in progress_iter(range(math.ceil(num / batch_size)), progress, desc):
             noisy = gaussian_noise(x, batch_size, self.sigma, gen)
             labels = self._labels(self.fast_model, noisy)
             b = min(batch_size, remaining)
