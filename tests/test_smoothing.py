@@ -130,8 +130,8 @@ def test_radius_formula():
 
 # ------------------------------------------------------------------------------------ refused input
 def test_nan_input_is_refused_not_certified():
-    """Before: the argmax of NaN logits is class 0 for every sample, so a NaN input was 'certified'
-    as class 0 with radius ~0.42 (sigma 0.25, n 100)."""
+    """Unchecked, the argmax of NaN logits is class 0 for every sample, so a NaN input would be
+    'certified' as class 0 with radius ~0.42 (sigma 0.25, n 100)."""
     from lirpa_deq.smoothing import SerializedSmooth
 
     linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
