@@ -7,10 +7,16 @@ images with values in [0, 1], then (x - 0.1307) / 0.3081).
 
     .venv/bin/python benchmarks/bench_solvers.py [--tol 1e-4] [--max-iter 200] [--batch 128]
         [--backward] [--only fc|conv] [--solvers a,b] [--threads N] [--device cpu|cuda]
-        [--dtype float32|float64]
+        [--dtype float32|float64] [--scrambled]
 
 Prints a Markdown table: forward iterations, final max relative residual, converged flag, and
 median wall time of the forward solve (and, with --backward, of the implicit backward pass).
+
+--scrambled (issue #14): the monotone cells only, with every raw parameter set to
+``param + 2 randn`` (``||I - W|| ~ 1e3`` at ``m = 0.5``), and two extra rows per cell: ``default``
+(``DEQ(cell)`` as built without solver / max_iter: Peaceman-Rachford, max_iter 200) and
+``old default`` (Anderson, max_iter 50, the default before #14). Use float64 for fc: the float32
+rounding floor of the residual at the exact fixed point is ~1.5e-4 > tol at n = 128.
 """
 from __future__ import annotations
 
@@ -52,14 +58,33 @@ def cells(kind, device, dtype):
             ("OrthoConv2d(margin=0.1)", OrthoConv2d(32, **fk))]
 
 
+def scramble(cell, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.add_(2 * torch.randn(p.shape, generator=g).to(p))
+    return cell
+
+
+def monotone_cells(kind, device, dtype):
+    torch.manual_seed(1)
+    fk = dict(device=device, dtype=dtype)
+    cell = MonLinear(128, **fk) if kind == "fc" else MonConv2d(32, **fk)
+    name = "MonLinear(m=0.5)" if kind == "fc" else "MonConv2d(m=0.5)"
+    return [(name + " scrambled", scramble(cell))]
+
+
+ROW_KW = {"default": {}, "old default": dict(solver="anderson", max_iter=50)}
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def bench_one(cell, solver, u, args):
-    deq = DEQ(cell, solver=solver, tol=args.tol, max_iter=args.max_iter,
-              on_nonconvergence="ignore")
+    kw = ROW_KW.get(solver, dict(solver=solver, max_iter=args.max_iter))
+    deq = DEQ(cell, tol=args.tol, on_nonconvergence="ignore", **kw)
     fwd, bwd = [], []
     for rep in range(args.repeats + 1):  # first run is a warm-up
         sync(args.device)
@@ -100,6 +125,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--scrambled", action="store_true", help="scrambled monotone cells (issue #14)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,8 +143,10 @@ def main(argv=None):
         if args.only and kind != args.only:
             continue
         u = injections(kind, args.batch, args.device, dtype)
-        for cname, cell in cells(kind, args.device, dtype):
-            for solver in args.solvers.split(","):
+        make = monotone_cells if args.scrambled else cells
+        names = args.solvers.split(",") + (list(ROW_KW) if args.scrambled else [])
+        for cname, cell in make(kind, args.device, dtype):
+            for solver in names:
                 r = bench_one(cell, solver, u, args)
                 line = (f"| {cname} | {solver} | {r['iters']} | {r['res']:.1e} | "
                         f"{'yes' if r['conv'] else 'NO'} | {r['t']:.3f} |")

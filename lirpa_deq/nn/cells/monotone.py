@@ -2,7 +2,10 @@
 
 Guarantee ('monotone'): ``sym(I - W) = m I + A^T A >= m I`` for ANY raw ``A``, ``B``
 (``B - B^T`` is skew and drops out of the symmetric part), so the DEQ has a unique fixed
-point for every input and forward-backward / Peaceman-Rachford converge.
+point for every input and forward-backward / Peaceman-Rachford converge. ``DEQ(cell)`` therefore
+defaults to Peaceman-Rachford for these cells, with the step minimising its proven contraction
+factor given ``m``, ``lambda_max(m I + A^T A)`` and ``||B - B^T||`` (``lirpa_deq.solvers.steps``);
+plain Anderson (the default elsewhere) stalls once ``||I - W|| / m`` is large.
 """
 from __future__ import annotations
 
