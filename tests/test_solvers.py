@@ -434,3 +434,19 @@ def test_compacting_anderson_bad_options(kw, match):
     A, b, _ = _affine_rows(B=2)
     with pytest.raises(ValueError, match=match):
         _run_compacting(A, b, lambda it, ids: ids >= 0, **kw)
+
+
+@pytest.mark.parametrize("method", ["bicgstab", "cgnr"])
+def test_matrix_free_resolvent_matches_dense_solve(method):
+    from lirpa_deq.solvers.linear import iterative_resolvent
+    cell, u = scrambled("conv", 0)
+    op = cell.operator()
+    a = default_pr_alpha(ReLUAffineProblem(op, u, margin=cell.margin))
+    J = iterative_resolvent(op.W, op.WT, a, tol=1e-12, max_iter=2000, method=method)
+    M = dense_I_minus_W(cell, u)
+    K = torch.eye(M.shape[0], dtype=M.dtype) + a * M
+    x = J(u)
+    ref = torch.linalg.solve(K, u.flatten(1).T).T.view_as(u)
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-9 * float(ref.abs().max()))
+    with pytest.raises(ValueError, match="method"):
+        iterative_resolvent(op.W, op.WT, a, tol=1e-6, max_iter=10, method="gmres")

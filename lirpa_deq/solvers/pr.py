@@ -73,10 +73,11 @@ def peaceman_rachford(problem, z0: torch.Tensor, *, tol: float = 1e-4, max_iter:
     anderson_m: memory of the safeguarded Anderson acceleration (module docstring; 0 = plain
     PR); anderson_lam: its relative regularisation.
     The resolvent is a dense inverse (once per call) when the operator has a ``matrix``,
-    otherwise CGNR warm-started from the previous resolvent output, stopped per sample at
+    otherwise BiCGSTAB (CGNR finishes samples it leaves unsolved, see :mod:`.linear`)
+    warm-started from the previous resolvent output, stopped per sample at
     relative residual ``clamp(0.1 r / (1 + B0), cg_tol, 0.01)`` (``r``: the sample's current
     fixed-point residual, ``B0 >= ||L0||``); ``cg_tol`` defaults to ``tol / (10 (1 + B0))``,
-    floored at ``4 eps``; at most ``cg_max_iter`` CG iterations per resolvent.
+    floored at ``4 eps``; at most ``cg_max_iter`` iterations per resolvent (each method).
     Returns ``(z, SolverStats)``; ``v`` starts at ``y0 + a (L0 y0 + S b - y0)``, so a warm
     start at the fixed point is stationary.
     """
