@@ -14,7 +14,9 @@ Safeguarded Anderson acceleration (``anderson_m > 0``, the default): the Anderso
 ``delta``-contraction. Hence ``||T v_k - v_k|| <= delta^k ||T v_0 - v_0||`` and
 ``||v_k - v*|| <= delta^k ||T v_0 - v_0|| / (1 - delta)``: the plain method's guarantee, at
 most two resolvents per iteration (one when the candidate is accepted). Without a margin
-(``delta = 1``) the test only forbids residual increases.
+(``delta = 1``) the test only forbids residual increases. All of this is for exact
+resolvents: dense ones are exact up to rounding; iterative ones are solved to a tolerance that
+follows the current residual (:class:`_PRMap`), i.e. to summable errors.
 """
 from __future__ import annotations
 
