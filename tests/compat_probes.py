@@ -87,6 +87,21 @@ def probe_tanh_float64():
     _bounds(model, torch.rand(8, 4, dtype=torch.float64), "CROWN")
 
 
+def probe_conv_matrix_float64():
+    import lirpa_deq  # noqa: F401
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32, 3)).double()
+    _bounds(model, torch.rand(2, 1, 8, 8, dtype=torch.float64), "CROWN", conv_mode="matrix")
+
+
+def probe_optimized_float64():
+    import lirpa_deq  # noqa: F401
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+    _, (lb, _) = _bounds(model, torch.rand(1, 6, dtype=torch.float64), "CROWN-Optimized",
+                         optimize_bound_args={"iteration": 3})
+    assert lb.dtype == torch.float64, lb.dtype
+
+
 # which probe proves each shim necessary
 SHIM_PROBES = {
     "numpy_arraysetops": "import",
@@ -99,6 +114,8 @@ SHIM_PROBES = {
     "maxpool_alpha_spec": "maxpool_alpha",
     "avgpool_view": "avgpool4",
     "sigmoid_table_dtype": "tanh_float64",
+    "sparse_c_dtype": "conv_matrix_float64",
+    "optimized_bounds_dtype": "optimized_float64",
 }
 
 if __name__ == "__main__":
