@@ -13,7 +13,10 @@ come from ``lirpa_deq.lipschitz`` (the proofs are in ``lirpa_deq/lipschitz/propa
 z* for the injection's interval), ``rho(Dbar |W|^T) < 1`` is proved, and the unrolled adjoint
 iteration with a proved Neumann tail encloses ``h`` for every admissible ``(D, g)``.
 
-* ``interval_propagate``: that enclosure for ``g`` in its interval (joint in D and g).
+* ``interval_propagate``: that enclosure for ``g`` in its interval (joint in D and g). Where
+  ``rho(Dbar |W|^T) < 1`` cannot be proved (e.g. monotone cells, whose W is not small entrywise),
+  the cell's global bound ``||J||_2 <= L2`` (``lirpa_deq.lipschitz.closed_form``) gives
+  ``|h_i| <= L2 ||g||_2`` instead.
 * ``bound_backward``: linear in ``g``. The enclosure of ``J^T`` itself (the rows ``g = e_j``)
   gives ``J^T[i, j]`` in ``[a, c]``; ``J^T[i, j] g_j`` for ``g_j`` in ``[gl, gu]`` lies between the
   chords of ``min(a g_j, c g_j)`` (concave: the chord is below) and ``max(a g_j, c g_j)`` (convex:
@@ -127,9 +130,28 @@ class BoundDEQJacobian(Bound):
         rows_r = rows_r * (1 + 4 * torch.finfo(rows_r.dtype).eps) + torch.finfo(rows_r.dtype).tiny
         with torch.no_grad():
             hc, hr = deq_local(region, rows_c, rows_r)
+            unproved = ~torch.isfinite(hr).flatten(1).all(1)
+            if bool(unproved.any()):  # the cell's global l2 bound: |h_i| <= ||h||_2 <= L2 ||g||_2
+                g_norm = (rows_c.abs() + rows_r).flatten(1).norm(dim=1) * (1 + 4 * torch.finfo(hr.dtype).eps)
+                radius = (self._global_l2(region, hr) * g_norm).view(-1, *(1,) * (hr.dim() - 1)).expand_as(hr)
+                hc = torch.where(unproved.view(-1, *(1,) * (hr.dim() - 1)), torch.zeros_like(hc), hc)
+                hr = torch.where(unproved.view(-1, *(1,) * (hr.dim() - 1)), radius, hr)
         if not bool(torch.isfinite(hr).all()):
             raise _no_proof()
         return (hc - hr).reshape(g_lo.shape), (hc + hr).reshape(g_lo.shape)
+
+    def _global_l2(self, region, like):
+        """``||J||_2`` bound valid for every input (the cell's guarantee; lirpa_deq.lipschitz's
+        closed form, e.g. cond(S)/m for monotone cells), or inf where none is known."""
+        from ..lipschitz.closed_form import deq_opnorm
+        from ..lipschitz.layers import _DEQ
+
+        layer = _DEQ(self.deq)
+        layer.name = "DEQ"
+        try:
+            return deq_opnorm(layer, region.in_shape, 2, like)[0]
+        except ValueError:
+            return float("inf")
 
     def interval_propagate(self, g, u):
         region = self._region(*u)
