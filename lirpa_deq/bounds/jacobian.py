@@ -171,6 +171,7 @@ class BoundDEQJacobian(Bound):
 
     def bound_backward(self, last_lA, last_uA, g_node, u_node, **kwargs):
         from .._compat import dense_coefficients
+        from ..rounding import dot_error
 
         region = self._region(u_node.lower, u_node.upper)
         g_lo, g_hi = g_node.lower, g_node.upper
@@ -190,8 +191,8 @@ class BoundDEQJacobian(Bound):
 
         lo_slope, lo_off = chord(torch.minimum(a * gl, c * gl), torch.minimum(a * gu, c * gu), upper=False)
         hi_slope, hi_off = chord(torch.maximum(a * gl, c * gl), torch.maximum(a * gu, c * gu), upper=True)
-        n_out = a.shape[2]
-        gam = (n_out * a.shape[3] + 2) * eps / (1 - (n_out * a.shape[3] + 2) * eps)
+        n_out, n_in = a.shape[2], a.shape[3]
+        g_mag = torch.maximum(gl.abs(), gu.abs()).squeeze(2)     # (B, K, j)
 
         def side(last_A, lower):
             if last_A is None:
@@ -202,8 +203,12 @@ class BoundDEQJacobian(Bound):
             s_neg, o_neg = (hi_slope, hi_off) if lower else (lo_slope, lo_off)
             new_A = torch.einsum("sbki,bkij->sbkj", pos, s_pos) + torch.einsum("sbki,bkij->sbkj", neg, s_neg)
             bias = torch.einsum("sbki,bki->sb", pos, o_pos.sum(-1)) + torch.einsum("sbki,bki->sb", neg, o_neg.sum(-1))
-            mag = torch.einsum("sbki,bki->sb", A.abs(), (o_pos.abs() + o_neg.abs()).sum(-1))
-            bias = bias - gam * mag if lower else bias + gam * mag
+            # rounding: of the bias sums, and of new_A (its error times |g| at most)
+            abs_A = A.abs()
+            mag = torch.einsum("sbki,bki->sb", abs_A, (o_pos.abs() + o_neg.abs()).sum(-1))
+            coef_mag = torch.einsum("sbki,bkij->sbkj", abs_A, s_pos.abs() + s_neg.abs())
+            slack = dot_error(K * n_out * n_in, mag) + (dot_error(n_out, coef_mag) * g_mag.unsqueeze(0)).sum((2, 3))
+            bias = bias - slack if lower else bias + slack
             return new_A.reshape(A.shape[0], *g_lo.shape), bias
 
         lA, lbias = side(last_lA, lower=True)
