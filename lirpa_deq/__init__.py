@@ -2,11 +2,15 @@
 
 Importing the package applies the version bridge for auto_LiRPA / torch (``lirpa_deq._compat``)
 before anything of ours imports auto_LiRPA, and registers the DEQ fixed-point operator so that
-``BoundedModule`` understands models containing ``lirpa_deq.nn.DEQ`` layers.
+``BoundedModule`` understands models containing ``lirpa_deq.nn.DEQ`` layers. An auto_LiRPA imported
+BEFORE lirpa_deq gets the shims it needs at import time from ``_lirpa_deq_import_hook`` (started
+by the ``.pth`` file that the install puts in site-packages).
 """
 __version__ = "0.1.0"
 
-from . import _compat  # noqa: F401  (must run before auto_LiRPA is imported anywhere)
+from . import _compat  # noqa: E402  (the shims run before anything of ours imports auto_LiRPA)
+
+_compat.apply()
 from . import bounds, nn  # noqa: E402  (registers the DEQ operator with auto_LiRPA)
 from .bounds import BoundDEQ, IntervalProofError, deq_nodes  # noqa: E402
 from .bounds.generic import ContractionError  # noqa: E402

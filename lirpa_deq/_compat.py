@@ -1,14 +1,18 @@
 """The one place that knows about versions: bridges auto_LiRPA (0.3 from PyPI, or upstream >= 0.6)
 to the installed torch (2.x) and numpy (1.x / 2.x).
 
-Everything here is feature-detected (``hasattr`` / signature checks), applied once on
-``import lirpa_deq``, and is a no-op where the installed versions do not need it. Each shim is
+Everything here is feature-detected (``hasattr`` / signature checks on torch and numpy, and what the
+installed auto_LiRPA's own sources use), applied once on ``import lirpa_deq``, and is a no-op where
+the installed versions do not need it. Each shim is
 named; ``LIRPA_DEQ_DISABLE_SHIMS=name1,name2`` switches individual shims off, which is how the test
 suite proves that every shim is needed (a shim that nothing needs is deleted).
 
 Two phases:
 * ``PRE_IMPORT`` shims patch torch / numpy before auto_LiRPA is imported (its module-level imports
-  would fail otherwise);
+  would fail otherwise). They also run when the user imports auto_LiRPA BEFORE lirpa_deq: the
+  install ships ``_lirpa_deq_import_hook`` (started by a ``.pth`` file), which calls
+  :func:`apply_pre_import` the first time anything imports auto_LiRPA -- so this module must not
+  import auto_LiRPA at module level;
 * ``POST_IMPORT`` shims patch auto_LiRPA classes after import (work-arounds for 0.3 bugs on the paths
   lirpa_deq uses).
 """
@@ -56,10 +60,31 @@ def _onnx_globals():
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _auto_lirpa_source() -> str:
+    """The text of the installed auto_LiRPA's Python files, found WITHOUT importing it (the
+    pre-import shims must decide before its import); '' where auto_LiRPA is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("auto_LiRPA")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    texts = []
+    for root in spec.submodule_search_locations:
+        for folder, _, files in os.walk(root):
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as handle:
+                        texts.append(handle.read())
+    return "\n".join(texts)
+
+
 # --------------------------------------------------------------------------------------- pre-import
 @_shim("numpy_arraysetops")
 def _numpy_arraysetops():
     # numpy 2.0 removed the numpy.lib.arraysetops module; auto_LiRPA 0.3 imports `isin` from it.
+    if "numpy.lib.arraysetops" not in _auto_lirpa_source():
+        return False
     try:
         import numpy.lib.arraysetops  # noqa: F401
         return False
@@ -74,9 +99,13 @@ def _numpy_arraysetops():
 def _set_opset_version():
     # torch 2.x removed symbolic_helper._set_opset_version; 0.3 calls it to export at opset 12.
     # A no-op is not enough: Unsqueeze/ReduceSum change form above opset 12.
+    # (Upstream imports it only under torch < 2, inside a function: not needed there.)
+    import re
+
     import torch.onnx.symbolic_helper as helper
 
-    if hasattr(helper, "_set_opset_version"):
+    module_level_import = r"(?m)^from torch\.onnx\.symbolic_helper import _set_opset_version"
+    if hasattr(helper, "_set_opset_version") or not re.search(module_level_import, _auto_lirpa_source()):
         return False
     globals_ = _onnx_globals()
 
@@ -90,7 +119,11 @@ def _set_opset_version():
 @_shim("node_getitem")
 def _node_getitem():
     # torch 1.13 removed torch._C.Node.__getitem__ (attribute access by name); 0.3 uses node[key].
-    if hasattr(torch._C.Node, "__getitem__"):
+    # Upstream reads attributes through symbolic_helper._node_get where torch has it.
+    import torch.onnx.symbolic_helper as helper
+
+    uses_node_get = "_node_get" in _auto_lirpa_source() and hasattr(helper, "_node_get")
+    if hasattr(torch._C.Node, "__getitem__") or uses_node_get:
         return False
     torch._C.Node.__getitem__ = lambda node, key: getattr(node, node.kindOf(key))(key)
     return True
@@ -249,16 +282,92 @@ def _sigmoid_table_dtype():
     return True
 
 
+def _in_parameter_dtype(cls, name):
+    """Wrap method ``name`` of ``cls`` (a BoundedModule method) to run with the default dtype set
+    to the dtype of the module's parameters (no-op for float32 models or models without any)."""
+    original = getattr(cls, name)
+
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        param = next(iter(self.parameters()), None)
+        if param is None or not param.is_floating_point() or param.dtype == torch.get_default_dtype():
+            return original(self, *args, **kwargs)
+        with default_dtype(param.dtype):
+            return original(self, *args, **kwargs)
+
+    setattr(cls, name, method)
+
+
+@_shim("sparse_c_dtype")
+def _sparse_c_dtype():
+    # Upstream's get_sparse_C builds the identity / one-hot specification of intermediate bounds
+    # in the default dtype (float32), and CROWN of a float64 model then mixes dtypes (conv in
+    # conv_mode 'matrix' fails). 0.3 passes the parameters' dtype. Build it in that dtype.
+    from auto_LiRPA import BoundedModule, backward_bound
+
+    if "torch.eye(dim, device=self.device)" not in inspect.getsource(backward_bound.get_sparse_C):
+        return False
+    _in_parameter_dtype(BoundedModule, "get_sparse_C")
+    return True
+
+
+@_shim("optimized_bounds_dtype")
+def _optimized_bounds_dtype():
+    # alpha-CROWN casts its best bounds to the default dtype in the last iteration: float64 models
+    # get float32 bounds (rounded to nearest: not a sound float64 bound), and upstream then fails
+    # when a later update writes float64 into them (compute_jacobian_bounds of float64 models).
+    from auto_LiRPA import BoundedModule
+
+    name = "_get_optimized_bounds" if hasattr(BoundedModule, "_get_optimized_bounds") else "get_optimized_bounds"
+    if "best_ret[0].to(torch.get_default_dtype())" not in inspect.getsource(getattr(BoundedModule, name)):
+        return False
+    _in_parameter_dtype(BoundedModule, name)
+    return True
+
+
+@_shim("jacobian_dtype")
+def _jacobian_dtype():
+    # Upstream's Jacobian graph (compute_jacobian_bounds) is traced from a float32 example gradient
+    # (its weights become float32 constants) and starts from a float32 identity: float64 models
+    # fail at the first matmul. Trace and start it in the model's / input's dtype.
+    import auto_LiRPA.operators as ops
+    from auto_LiRPA import BoundedModule
+
+    init = getattr(ops, "BoundJacobianInit", None)
+    if init is None or "torch.eye(dim, device=x.device," not in inspect.getsource(init.forward):
+        return False
+    _in_parameter_dtype(BoundedModule, "_expand_jacobian")
+    original = init.forward
+
+    @functools.wraps(original)
+    def forward(self, x):
+        with default_dtype(x.dtype if x.is_floating_point() else torch.get_default_dtype()):
+            return original(self, x)
+
+    init.forward = forward
+    return True
+
+
 POST_IMPORT = [_named_members_remove_duplicate, _add_sub_patches_mode, _dense_intermediate_specs, _maxpool_alpha_spec,
-               _avgpool_view, _sigmoid_table_dtype]
+               _avgpool_view, _sigmoid_table_dtype, _sparse_c_dtype, _optimized_bounds_dtype,
+               _jacobian_dtype]
+
+
+def apply_pre_import():
+    """Apply the shims that must be in place before auto_LiRPA is imported (idempotent; imports
+    torch and numpy, never auto_LiRPA)."""
+    if getattr(apply_pre_import, "done", False):
+        return
+    apply_pre_import.done = True  # first: a shim's find_spec('auto_LiRPA') re-enters through the hook
+    for shim in PRE_IMPORT:
+        shim()
 
 
 def apply():
-    """Apply every shim that the installed versions need (idempotent)."""
+    """Apply every shim that the installed versions need, importing auto_LiRPA (idempotent)."""
     if getattr(apply, "done", False):
         return
-    for shim in PRE_IMPORT:
-        shim()
+    apply_pre_import()
     # auto_LiRPA 0.3 switches the global warning filters to "once" and decorates functions with
     # torch.jit.script (deprecated in torch 2.x); keep both out of the user's session
     # (it resets filters inside the import, so record what is emitted and re-issue the rest)
@@ -317,5 +426,28 @@ def gemm_scale(node):
     return 1.0
 
 
+# ------------------------------------------------------------------------------------ module state
+def copy_buffers(bounded, model, into: str) -> None:
+    """Copy buffers (BN running statistics) between a BoundedModule and the ``model`` it was
+    built from, in place: ``into='model'`` (after training steps on ``bounded``) or
+    ``into='bounded'`` (after loading ``model`` from a checkpoint). Parameters need no copy: they
+    are shared. Matches by ``bounded.named_buffers()``, which keeps the model's names in every
+    version (upstream's ``state_dict`` keys are node names such as '/5.buffer', so a
+    ``load_state_dict`` / key lookup between the two matches nothing). Every buffer of ``bounded``
+    must have a same-named, same-shaped buffer in ``model``: RuntimeError naming it otherwise."""
+    if into not in ("model", "bounded"):
+        raise ValueError(f"into must be 'model' or 'bounded', got {into!r}")
+    targets = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, buf in bounded.named_buffers():
+            other = targets.get(name)
+            if other is None or other.shape != buf.shape:
+                found = "missing" if other is None else f"of shape {tuple(other.shape)}"
+                raise RuntimeError(f"buffer {name!r} {tuple(buf.shape)} of the BoundedModule has no counterpart "
+                                   f"in the model ({found}): was the BoundedModule built from this model?")
+            destination, source = (other, buf) if into == "model" else (buf, other)
+            if destination.data_ptr() != source.data_ptr():
+                destination.copy_(source)
+
+
 ALL_SHIMS = [s.shim_name for s in PRE_IMPORT + POST_IMPORT]
-apply()

@@ -87,6 +87,42 @@ def probe_tanh_float64():
     _bounds(model, torch.rand(8, 4, dtype=torch.float64), "CROWN")
 
 
+def probe_conv_matrix_float64():
+    import lirpa_deq  # noqa: F401
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32, 3)).double()
+    _bounds(model, torch.rand(2, 1, 8, 8, dtype=torch.float64), "CROWN", conv_mode="matrix")
+
+
+def probe_optimized_float64():
+    import lirpa_deq  # noqa: F401
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+    _, (lb, _) = _bounds(model, torch.rand(1, 6, dtype=torch.float64), "CROWN-Optimized",
+                         optimize_bound_args={"iteration": 3})
+    assert lb.dtype == torch.float64, lb.dtype
+
+
+def probe_jacobian_float64():
+    import lirpa_deq  # noqa: F401
+    from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+    from auto_LiRPA.operators import BoundJacobianInit  # noqa: F401  (0.3 has no Jacobian graph: ImportError)
+    from auto_LiRPA.bound_ops import JacobianOP
+
+    class JacobianOf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+
+        def forward(self, x):
+            return JacobianOP.apply(self.net(x), x)
+
+    x = torch.rand(1, 4, dtype=torch.float64)
+    bounded = BoundedModule(JacobianOf().double(), x)
+    lb, ub = bounded.compute_jacobian_bounds(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.05)),
+                                             optimize=False)
+    assert lb.dtype == torch.float64 and bool((lb <= ub).all())
+
+
 # which probe proves each shim necessary
 SHIM_PROBES = {
     "numpy_arraysetops": "import",
@@ -99,7 +135,13 @@ SHIM_PROBES = {
     "maxpool_alpha_spec": "maxpool_alpha",
     "avgpool_view": "avgpool4",
     "sigmoid_table_dtype": "tanh_float64",
+    "sparse_c_dtype": "conv_matrix_float64",
+    "optimized_bounds_dtype": "optimized_float64",
+    "jacobian_dtype": "jacobian_float64",
 }
+
+# probes of code paths that only some auto_LiRPA versions have: probe -> BoundedModule attribute
+PROBE_NEEDS = {"jacobian_float64": "compute_jacobian_bounds"}
 
 if __name__ == "__main__":
     for name in sys.argv[1:]:

@@ -22,6 +22,7 @@ from auto_LiRPA.operators import Bound
 
 from . import relu_affine as _relu_affine  # noqa: F401  (registers the ReLU-affine family)
 from .generic import strategy as _generic  # noqa: F401  (registers the generic family)
+from . import jacobian
 from .adjoint import linear_backward
 from .cell_bounds import cell_bounds_for
 from .injection import check_dtype, checked_box, injection_box
@@ -141,6 +142,10 @@ class BoundDEQ(Bound):
                 raise IntervalProofError("the linear bound through the DEQ is not finite (overflow in the "
                                          "adjoint iteration); use method='IBP', a smaller eps or float64")
         return [(lA, uA)] + [(None, None)] * (len(x) - 1), lbias, ubias
+
+    def build_gradient_node(self, grad_upstream):
+        """The DEQ's node in upstream's Jacobian graph (lirpa_deq.bounds.jacobian)."""
+        return jacobian.gradient_node(self, grad_upstream)
 
     def bound_forward(self, dim_in, *x):
         raise NotImplementedError(

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+from .._compat import copy_buffers
 
 from ..validate import (BOUND_METHODS, check_clip, check_eps, check_labels, check_method, check_norm,
                         check_num_classes, check_unit, check_x)
@@ -68,11 +69,9 @@ def make_bounded(model, example: torch.Tensor, deq_opts=None) -> BoundedModule:
 
 @torch.no_grad()
 def sync_buffers(bounded: BoundedModule, model) -> None:
-    """Copy the BoundedModule's buffers (BN running statistics) into ``model`` in place."""
-    state = bounded.state_dict()
-    for name, buf in model.named_buffers():
-        if name in state and state[name].shape == buf.shape:
-            buf.copy_(state[name])
+    """Copy the BoundedModule's buffers (BN running statistics) into ``model`` in place
+    (``lirpa_deq._compat.copy_buffers``: RuntimeError if one has no counterpart in ``model``)."""
+    copy_buffers(bounded, model, into="model")
 
 
 def perturbation(x, eps, norm=math.inf, clip=(0.0, 1.0)) -> PerturbationLpNorm:

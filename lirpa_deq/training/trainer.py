@@ -32,6 +32,7 @@ from ..data import dataset_info, get_dataset
 from ..models import build_model
 from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .config import TrainConfig
+from .._compat import copy_buffers
 from .losses import certified_loss, make_bounded, sync_buffers
 from .schedules import LinearRamp, SmoothedRamp, StepLR, fit_ramp
 from ..validate import check_finite_params, check_labels, check_x
@@ -226,7 +227,7 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {str(path)!r} does not fit the model/optimizer "
                                   f"({str(exc).splitlines()[0]})") from None
-        trainer.bounded.load_state_dict(trainer.model.state_dict())  # BN buffers of the bounded copy
+        copy_buffers(trainer.bounded, trainer.model, into="bounded")  # BN buffers of the bounded copy
         trainer.step = int(data["step"])
         trainer.metrics.update(data.get("metrics", {}))
         set_rng_state(data["rng"])
