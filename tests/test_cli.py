@@ -184,7 +184,7 @@ def test_console_entry_point_subprocess(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "lirpa_deq.cli", "--help"], capture_output=True, text=True,
                        env=env, timeout=120)
-    assert r.returncode == 0 and "usage: lirpa-deq" in r.stdout and "{train,certify,demo}" in r.stdout
+    assert r.returncode == 0 and "usage: lirpa-deq" in r.stdout and "{train,certify,merge,demo}" in r.stdout
     r = subprocess.run([sys.executable, "-m", "lirpa_deq.cli", "certify", str(tmp_path / "none.pt")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
