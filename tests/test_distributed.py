@@ -105,6 +105,32 @@ def test_two_ranks_train_the_one_process_model(runs):
         torch.testing.assert_close(b["exp_avg_sq"], a["exp_avg_sq"], rtol=1e-4, atol=1e-9)
 
 
+def _collectives(rank, world, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    ctx, device = distributed.init_from_env("cpu")
+    try:
+        assert (ctx.rank, ctx.world_size, ctx.backend, device) == (rank, world, "gloo", "cpu")
+        bn = torch.nn.BatchNorm1d(2)
+        bn.running_mean.fill_(float(rank))
+        bn.num_batches_tracked.fill_(5)
+        distributed.average_buffers_(bn)
+        assert bn.running_mean.tolist() == [0.5, 0.5] and int(bn.num_batches_tracked) == 5
+        assert distributed.all_gather_objects({"r": rank}) == [{"r": 0}, {"r": 1}]
+        assert distributed.broadcast_object(f"from {rank}") == "from 0"
+        assert distributed.is_main() == (rank == 0)
+    finally:
+        distributed.shutdown()
+    assert distributed.current() is distributed.SINGLE
+
+
+def test_collectives_on_two_ranks():
+    """BatchNorm running statistics are averaged over the ranks (integer counters left alone);
+    gathered / broadcast objects arrive in rank order."""
+    mp.start_processes(_collectives, args=(2, _free_port()), nprocs=2, start_method="fork")
+    assert distributed.current() is distributed.SINGLE and distributed.all_gather_objects(3) == [3]
+
+
 def test_local_batches_make_up_the_global_batch():
     """Rank r's images are r, r + W, ... of the global batch, weighted so that the mean over the W
     ranks of (weight x mean over its images) is the mean over the global batch."""
@@ -142,8 +168,13 @@ def test_sharded_certification_gives_the_one_process_results(runs, tmp_path):
     assert summary["methods"]["smoothing"]["num_images"] == 5
     assert results(tmp_path / "two.jsonl") == ref
     assert results(tmp_path / "merged.jsonl") == ref
-    # a missing shard is refused with the reason
+    # a missing shard, or a shard of another run, is refused (nothing written)
     assert one_process(["merge", str(tmp_path / "shard0.json"), "--json", str(tmp_path / "x.jsonl")]) == 2
+    other = ["certify", ckpt, "--num", "45", "--batch-size", "8", "--eps", "0.02", "--method", "ibp",
+             "--pgd-steps", "0", "--no-progress", "--shard", "1/2", "--json", str(tmp_path / "other.json")]
+    assert one_process(other) == 0
+    assert one_process(["merge", str(tmp_path / "shard0.json"), str(tmp_path / "other.json"),
+                        "--json", str(tmp_path / "x.jsonl")]) == 2
     assert not (tmp_path / "x.jsonl").exists()
 
 
