@@ -33,6 +33,7 @@ __all__ = ["Context", "SINGLE", "launched_by_torchrun", "backend_for", "init_fro
            "rank_seed", "shutdown"]
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_JOINED = []  # [True] once init_from_env created the process group (shutdown leaves others' alone)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def init_from_env(device="cpu"):
                          "this torch build")
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=_timeout())
+        _JOINED.append(True)
     return current(local_rank=local), str(dev)
 
 
@@ -186,8 +188,10 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def shutdown() -> None:
-    """Leave the process group (if this process joined one)."""
+    """Leave the process group if :func:`init_from_env` created it (a group the caller made is
+    left alone)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if _JOINED and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _JOINED.clear()

@@ -17,8 +17,6 @@ the JSON is written atomically.
 """
 from __future__ import annotations
 
-import torch
-
 from .. import distributed
 from ..data import dataset_info, get_dataset
 from ..training import load_checkpoint, model_from_checkpoint

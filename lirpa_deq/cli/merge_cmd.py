@@ -87,7 +87,10 @@ def merge_shards(paths):
     if any(s["shard"][1] != n for s in shards) or got != list(range(n)):
         have = ", ".join(f"{k}/{m}" for k, m in sorted(tuple(s["shard"]) for s in shards))
         raise ValueError(f"merge needs every shard 0/{n} .. {n - 1}/{n} once, got {have}")
-    return Plan(**first["plan"]), first["meta"], [b for s in shards for b in s["blocks"]]
+    try:
+        return Plan(**first["plan"]), first["meta"], [b for s in shards for b in s["blocks"]]
+    except (TypeError, KeyError) as exc:
+        raise ValueError(f"shard file {ref!r} is malformed ({exc}); run its certify --shard again") from None
 
 
 def run_merge(args, log=print) -> int:
@@ -99,7 +102,11 @@ def run_merge(args, log=print) -> int:
         check_writable_file(args.json, "--json")
     paths = [os.fspath(p) for p in args.shards]
     plan, meta, blocks = merge_shards(paths)
-    summary, records = summarize(plan, blocks, meta["dataset"])
+    try:
+        summary, records = summarize(plan, blocks, meta["dataset"])
+    except (KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"the shard files are malformed ({type(exc).__name__}: {exc}); run their certify --shard "
+                         "again") from None
     for line in log_lines(summary):
         log(line)
     return report(summary, records, meta, args.json)
