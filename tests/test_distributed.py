@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lirpa_deq import _progress as progress
 from lirpa_deq import distributed
 from lirpa_deq.cli import main
 from lirpa_deq.training import TrainConfig, Trainer, load_checkpoint
@@ -119,6 +120,9 @@ def _collectives(rank, world, port):
         assert distributed.all_gather_objects({"r": rank}) == [{"r": 0}, {"r": 1}]
         assert distributed.broadcast_object(f"from {rank}") == "from 0"
         assert distributed.is_main() == (rank == 0)
+        progress.stderr_is_tty = lambda: True  # as on a terminal: the bar shows on rank 0 only
+        with progress.Progress(True, 3, "test") as bar:
+            assert bar.enabled == (rank == 0)
     finally:
         distributed.shutdown()
     assert distributed.current() is distributed.SINGLE
@@ -126,7 +130,7 @@ def _collectives(rank, world, port):
 
 def test_collectives_on_two_ranks():
     """BatchNorm running statistics are averaged over the ranks (integer counters left alone);
-    gathered / broadcast objects arrive in rank order."""
+    gathered / broadcast objects arrive in rank order; progress bars show on rank 0 only."""
     mp.start_processes(_collectives, args=(2, _free_port()), nprocs=2, start_method="fork")
     assert distributed.current() is distributed.SINGLE and distributed.all_gather_objects(3) == [3]
 
