@@ -29,7 +29,7 @@ from lirpa_deq.training import TrainConfig, Trainer, load_checkpoint
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this torch build has no torch.distributed / gloo backend")
 
-TRAIN = ["train", "--dataset", "digits", "--model", "fc-deq", "--width", "16", "--num-train", "120",
+TRAIN = ["train", "--dataset", "digits", "--model", "fc-deq", "--width", "16", "--num-train", "115",
          "--batch-size", "30", "--epochs", "3", "--warmup-epochs", "0.5", "--ramp-epochs", "1",
          "--eps-train", "0.05", "--lr", "2e-2", "--no-progress"]
 CERTIFY = ["--num", "45", "--batch-size", "8", "--eps", "0.02", "0.05", "--method", "ibp", "crown", "smoothing",
@@ -81,8 +81,8 @@ def results(path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """3 epochs (4 steps of 30 images each) in one process and on 2 ranks (stopped after 6 steps
-    and resumed on 2 ranks)."""
+    """3 epochs (steps of 30, 30, 30 and 25 images: the last splits 13 / 12) in one process and on
+    2 ranks (stopped after 6 steps and resumed on 2 ranks)."""
     root = tmp_path_factory.mktemp("dist")
     assert one_process(TRAIN + ["--out", str(root / "one")]) == 0
     run_ranks(TRAIN + ["--out", str(root / "two"), "--max-steps", "6"])
