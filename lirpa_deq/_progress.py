@@ -1,12 +1,15 @@
 """The one progress bar of lirpa_deq (training steps, PGD steps, smoothing batches, Lipschitz samples).
 
-A bar is shown only when it is asked for (``enabled=True``) AND stderr is a terminal, so logs,
-pipes and tests stay clean; it writes to stderr only (tables printed on stdout are unchanged). A
-disabled bar is a no-op object with the same methods, so callers never test for None.
+A bar is shown only when it is asked for (``enabled=True``) AND stderr is a terminal AND this
+process is rank 0 (``lirpa_deq.distributed``: under torchrun the other ranks stay silent), so
+logs, pipes and tests stay clean; it writes to stderr only (tables printed on stdout are
+unchanged). A disabled bar is a no-op object with the same methods, so callers never test for None.
 """
 from __future__ import annotations
 
 import sys
+
+from .distributed import is_main
 
 __all__ = ["Progress", "progress_iter", "stderr_is_tty"]
 
@@ -29,7 +32,7 @@ class Progress:
 
     def __init__(self, enabled: bool, total: int, desc: str, unit: str = "it", initial: int = 0):
         self.bar = None
-        if enabled and total and stderr_is_tty():
+        if enabled and total and stderr_is_tty() and is_main():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, file=sys.stderr,

@@ -152,6 +152,10 @@ def _one_line_error(rc, err, *needles):
     (["certify", "x.pt", "--eps", "-0.1"], "must be a finite number >= 0"),
     (["certify", "x.pt", "--method", "magic"], "invalid choice: 'magic'"),
     (["certify", "x.pt", "--alpha", "2"], "must be in (0, 1)"),
+    (["certify", "x.pt", "--shard", "2/2"], "expected K/N with 0 <= K < N, got '2/2'"),
+    (["certify", "x.pt", "--shard", "half"], "expected K/N (shard K of N"),
+    (["certify", "x.pt", "--shard", "0/2"], "--shard K/N writes its share of the results to a shard file"),
+    (["merge", "missing.json"], "shard file 'missing.json' does not exist"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_usage_errors_one_line(argv, needle, capsys):
@@ -184,7 +188,7 @@ def test_console_entry_point_subprocess(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "lirpa_deq.cli", "--help"], capture_output=True, text=True,
                        env=env, timeout=120)
-    assert r.returncode == 0 and "usage: lirpa-deq" in r.stdout and "{train,certify,demo}" in r.stdout
+    assert r.returncode == 0 and "usage: lirpa-deq" in r.stdout and "{train,certify,merge,demo}" in r.stdout
     r = subprocess.run([sys.executable, "-m", "lirpa_deq.cli", "certify", str(tmp_path / "none.pt")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -194,7 +198,8 @@ def test_console_entry_point_subprocess(tmp_path):
 @pytest.mark.parametrize("sub,flags", [
     ("train", ["--dataset", "--model", "--method", "--eps-train", "--epochs", "--out", "--resume"]),
     ("certify", ["--eps", "--method", "--sigma", "--n", "--n0", "--alpha", "--srs-steps", "--json", "--batch-size",
-                 "--device"]),
+                 "--device", "--shard"]),
+    ("merge", ["SHARD_FILE", "--json"]),
     ("demo", ["--out", "--retrain", "--eps", "--num-test"]),
 ])
 def test_subcommand_help(sub, flags, capsys):

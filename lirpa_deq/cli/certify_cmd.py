@@ -4,6 +4,12 @@
 every eps, per-sample records and a JSON-serialisable summary. Any point that is certified but
 broken by PGD is counted in ``summary['certified_but_attacked']`` (must be 0: a soundness check).
 
+The work is done in blocks of ``--batch-size`` images (``blocks.py``), each computed on its own,
+so it can be split: under ``torchrun`` the ranks certify every W-th block and rank 0 gathers the
+results (and alone prints and writes); with ``--shard K/N`` a process certifies shard K's blocks
+and writes them to a shard file for ``lirpa-deq merge`` (``merge_cmd.py``). Either way the
+summary and records are those of a one-process run (timings aside).
+
 Before any work: every eps is a finite real >= 0, the methods are known and available, x / y are
 a finite batch of the model's dtype inside [0, 1] with labels (N,) in [0, num_classes), the
 smoothing sample sizes satisfy n >= n0, and ``--json PATH`` is writable (``lirpa_deq.validate``);
@@ -11,35 +17,24 @@ the JSON is written atomically.
 """
 from __future__ import annotations
 
-import time
-
-import torch
-
+from .. import distributed
 from ..data import dataset_info, get_dataset
-from ..training import load_checkpoint, make_bounded, model_from_checkpoint, pgd_robust, predict
+from ..training import load_checkpoint, model_from_checkpoint
 from ..validate import (check_eps, check_finite_params, check_labels, check_sample_sizes, check_x,
                         check_writable_file)
 from . import methods as M
-from .report import finite, format_table, write_json_lines
+from .blocks import BlockCertifier, Plan, assigned_blocks, run_blocks, spread
+from .report import format_table, write_json_lines
+from .summary import log_lines, summarize
+
+__all__ = ["evaluate", "prepare", "certify_blocks", "spread", "run_certify"]
+
+SMOOTHING_KEYS = ("sigma", "n", "n0", "alpha", "srs_steps", "radii", "num", "batch_size")
 
 
-def evaluate(model, x, y, eps_list, methods, num_classes=10, batch_size=250, pgd_steps=20, pgd_restarts=1,
-             smoothing=None, indices=None, log=print, dataset="", all_points=False, subsets=None, progress=False):
-    """Run everything; returns (summary, records).
-
-    x (N, *input_shape) finite, in [0, 1], of the model's dtype; y (N,) labels in [0, num_classes);
-    eps_list finite reals >= 0 (all validated first: ValueError); methods: subset of ``methods.METHODS`` (an unavailable
-    'lipschitz' is reported as n/a instead of failing). smoothing: dict(sigma, n, n0, alpha,
-    srs_steps, radii, num, batch_size) used when 'smoothing' is in methods. subsets: optional
-    {method: number of images} to run a (slow) bound method on evenly spaced images only; its
-    certified accuracy is then over those images (``summary['methods'][m]['num_images']``).
-
-    Unless ``all_points``, CROWN runs only on points IBP did not certify and PGD did not break,
-    and Lipschitz only on points PGD did not break: the certified sets are the same (a broken point
-    cannot be certified soundly; CROWN is intersected with IBP), only the cost differs. Skipped
-    points get the IBP margin (CROWN) or NaN (Lipschitz). ``summary['methods'][m]['evaluated']``
-    counts the (image, eps) pairs a method actually ran on. ``progress``: tqdm bars for the PGD
-    pass (shown only on a TTY)."""
+def prepare(model, x, y, eps_list, methods, num_classes=10, batch_size=250, pgd_steps=20, pgd_restarts=1,
+            smoothing=None, indices=None, all_points=False, subsets=None):
+    """Validate the arguments of :func:`evaluate` (ValueError) and return ``(plan, certifier)``."""
     eps_list = [check_eps(e, "eps") for e in eps_list]
     M.check_available(methods)
     if smoothing and "smoothing" in methods:
@@ -48,156 +43,56 @@ def evaluate(model, x, y, eps_list, methods, num_classes=10, batch_size=250, pgd
     check_finite_params(model)
     x = check_x(x, model, clip=(0.0, 1.0))
     y = check_labels(y, len(x), num_classes, x.device)
-    indices = list(range(len(x))) if indices is None else list(indices)
-    t0 = time.time()
-    pred = predict(model, x)
-    summary = {"dataset": dataset, "num_images": len(x), "eps": [float(e) for e in eps_list],
-               "clean_accuracy": float((pred == y).float().mean()), "methods": {}, "certified_but_attacked": {}}
-    log(f"clean accuracy {100 * summary['clean_accuracy']:.1f}% on {len(x)} images ({time.time() - t0:.1f}s)")
-    pgd = None
-    if pgd_steps > 0:
-        t0 = time.time()
-        pgd = [pgd_robust(model, x, y, e, steps=pgd_steps, restarts=pgd_restarts, progress=progress).cpu()
-               for e in eps_list]
-        summary["pgd_accuracy"] = [float(p.float().mean()) for p in pgd]
-        summary["pgd_seconds_per_image"] = (time.time() - t0) / max(1, len(x) * len(eps_list))
-        summary["pgd"] = {"steps": pgd_steps, "restarts": pgd_restarts}
-        log("PGD accuracy " + ", ".join(f"eps={e:g}: {100 * a:.1f}%" for e, a in zip(eps_list, summary["pgd_accuracy"])))
-    runner = _BoundRunner(model, x, y, eps_list, pgd, num_classes, batch_size, all_points)
-    results = {}
-    for m in methods:
-        if m == "smoothing":
-            continue
-        if m == "lipschitz" and not M.lipschitz_status()[0]:
-            summary["methods"][m] = {"available": False, "reason": M.lipschitz_status()[1]}
-            log(f"lipschitz: n/a ({M.lipschitz_status()[1]})")
-            continue
-        sel = spread(len(x), (subsets or {}).get(m) or len(x))
-        per_eps, seconds, n_eval = runner.run(m, sel)
-        results[m] = (sel, per_eps)
-        errors = [e for r in per_eps for e in r.get("errors", [])]
-        res = summary["methods"][m] = {
-            "num_images": len(sel), "failed": len(errors), "first_error": errors[0] if errors else None,
-            "linf_certified_accuracy": [float(r["certified"][sel].float().mean()) for r in per_eps],
-            "seconds_per_image": seconds / max(1, len(sel) * len(eps_list)),
-            "evaluated": n_eval, "seconds_per_evaluated_image": seconds / max(1, n_eval)}
-        if pgd is not None:
-            summary["certified_but_attacked"][m] = int(sum(int((r["certified"] & ~p).sum()) for r, p in zip(per_eps, pgd)))
-        log(f"{m}: " + ", ".join(f"eps={e:g}: {100 * a:.1f}%" for e, a in zip(eps_list, res["linf_certified_accuracy"]))
-            + f" on {len(sel)} images ({seconds:.1f}s; ran on {n_eval} of {len(sel) * len(eps_list)} (image, eps) pairs)"
-            + (f"; {len(errors)} bound computation(s) FAILED and count as not certified: {errors[0]}" if errors else ""))
-    records = []
-    for k, e in enumerate(eps_list):
-        for i in range(len(x)):
-            cert, margin = {}, {}
-            for m, (sel, per_eps) in results.items():
-                if per_eps[k]["in_subset"][i]:
-                    cert[m] = bool(per_eps[k]["certified"][i])
-                    margin[m] = finite(float(per_eps[k]["margin"][i]))
-            records.append({"index": indices[i], "label": int(y[i]), "prediction": int(pred[i]), "eps": float(e),
-                            "pgd_robust": None if pgd is None else bool(pgd[k][i]),
-                            "certified_by": next((m for m in cert if cert[m]), None), "certified": cert,
-                            "margin_lower": margin})
-    if "smoothing" in methods and smoothing:
-        records += _smoothing(model, x, y, eps_list, smoothing, num_classes, x[0].numel(), indices, summary, log)
-    for res in summary["methods"].values():  # PGD / IBP on the same images as a subset method
-        if res.get("available", True) and res["num_images"] < len(x):
-            sel = spread(len(x), res["num_images"])
-            ref = res["subset_reference"] = {}
-            if pgd is not None:
-                ref["pgd_accuracy"] = [float(p[sel].float().mean()) for p in pgd]
-            if runner.ibp:
-                ref["ibp_certified_accuracy"] = [float(runner.ibp[k]["certified"][sel].float().mean())
-                                                 for k in range(len(eps_list))] if len(runner.ibp) == len(eps_list) else None
+    indices = list(range(len(x))) if indices is None else [int(i) for i in indices]
+    plan = Plan(num_images=len(x), eps=[float(e) for e in eps_list], methods=list(methods), block_size=int(batch_size),
+                pgd_steps=int(pgd_steps), pgd_restarts=int(pgd_restarts), all_points=bool(all_points),
+                subsets={m: int(v) for m, v in (subsets or {}).items() if v},
+                smoothing={k: smoothing[k] for k in SMOOTHING_KEYS if k in smoothing} if smoothing else None,
+                input_dim=int(x[0].numel()), num_classes=int(num_classes))
+    return plan, BlockCertifier(model, x, y, indices, plan)
+
+
+def certify_blocks(certifier, plan, shard=(0, 1), progress=False) -> list:
+    """Results of every block of shard ``shard = (K, N)``: this process's share (all of them in one
+    process; every W-th in a process group of W ranks, gathered onto every rank)."""
+    ctx = distributed.current()
+    mine = run_blocks(certifier, assigned_blocks(plan, shard, ctx.rank, ctx.world_size), progress)
+    return [blk for part in distributed.all_gather_objects(mine) for blk in part]
+
+
+def evaluate(model, x, y, eps_list, methods, num_classes=10, batch_size=250, pgd_steps=20, pgd_restarts=1,
+             smoothing=None, indices=None, log=print, dataset="", all_points=False, subsets=None, progress=False):
+    """Run everything; returns (summary, records) (on every rank of a process group, whose ranks
+    share the blocks).
+
+    x (N, *input_shape) finite, in [0, 1], of the model's dtype; y (N,) labels in [0, num_classes);
+    eps_list finite reals >= 0 (all validated first: ValueError); methods: subset of ``methods.METHODS`` (an unavailable
+    'lipschitz' is reported as n/a instead of failing). smoothing: dict(sigma, n, n0, alpha,
+    srs_steps, radii, num, batch_size) used when 'smoothing' is in methods. subsets: optional
+    {method: number of images} to run a (slow) bound method on evenly spaced images only; its
+    certified accuracy is then over those images (``summary['methods'][m]['num_images']``).
+    batch_size: images per block and per bound computation (``blocks.py``).
+
+    Unless ``all_points``, CROWN runs only on points IBP did not certify and PGD did not break
+    (within each block), and Lipschitz only on points PGD did not break: the certified sets are
+    the same (a broken point cannot be certified soundly; CROWN is intersected with IBP), only the
+    cost differs. Skipped points get the IBP margin (CROWN) or NaN (Lipschitz).
+    ``summary['methods'][m]['evaluated']`` counts the (image, eps) pairs a method actually ran on.
+    ``progress``: a tqdm bar over the blocks (rank 0, on a TTY)."""
+    plan, certifier = prepare(model, x, y, eps_list, methods, num_classes, batch_size, pgd_steps, pgd_restarts,
+                              smoothing, indices, all_points, subsets)
+    summary, records = summarize(plan, certify_blocks(certifier, plan, progress=progress), dataset)
+    for line in log_lines(summary):
+        log(line)
     return summary, records
-
-
-class _BoundRunner:
-    """Runs the bound methods with the skipping rules of :func:`evaluate` (IBP results cached)."""
-
-    def __init__(self, model, x, y, eps_list, pgd, num_classes, batch_size, all_points):
-        self.model, self.x, self.y, self.eps_list, self.pgd = model, x, y, eps_list, pgd
-        self.kw = dict(num_classes=num_classes, batch_size=batch_size)
-        self.all_points, self.bounded, self.ibp = all_points, None, {}
-
-    def _certify(self, idx, k, method):
-        if self.bounded is None:
-            self.bounded = make_bounded(self.model, self.x[:1])
-        return M.certify_linf(self.model, self.x[idx], self.y[idx], self.eps_list[k], method, bounded=self.bounded,
-                              **self.kw)
-
-    def ibp_at(self, k):
-        if k not in self.ibp:
-            self.ibp[k] = self._certify(torch.arange(len(self.x)), k, "ibp")
-        return self.ibp[k]
-
-    def run(self, method, sel):
-        """Per eps: dict(certified (N,), margin (N,), in_subset (N,), seconds); plus total seconds
-        and the number of (image, eps) pairs evaluated."""
-        N = len(self.x)
-        in_subset = torch.zeros(N, dtype=torch.bool)
-        in_subset[sel] = True
-        per_eps, seconds, n_eval = [], 0.0, 0
-        for k in range(len(self.eps_list)):
-            if method == "ibp" and len(sel) == N:
-                r = dict(self.ibp_at(k))
-                n_eval += N
-            else:
-                todo = in_subset.clone()
-                r = {"certified": torch.zeros(N, dtype=torch.bool), "margin": torch.full((N,), float("nan")),
-                     "seconds": 0.0}
-                if not self.all_points and method != "ibp":
-                    if self.pgd is not None:
-                        todo &= self.pgd[k]
-                    if method == "crown":  # CROWN is intersected with IBP: its pass is part of the cost
-                        base = self.ibp_at(k)
-                        todo &= ~base["certified"]
-                        r["certified"][sel] = base["certified"][sel]
-                        r["margin"][sel] = base["margin"][sel]
-                        r["seconds"] = base["seconds"] * len(sel) / N
-                idx = todo.nonzero().flatten()
-                if len(idx):
-                    sub = self._certify(idx, k, method)
-                    r["certified"][idx], r["margin"][idx] = sub["certified"], sub["margin"]
-                    r["seconds"] += sub["seconds"]
-                    r["errors"] = sub.get("errors", [])
-                n_eval += len(idx)
-            r["in_subset"] = in_subset
-            per_eps.append(r)
-            seconds += r["seconds"]
-        return per_eps, seconds, n_eval
-
-
-def _smoothing(model, x, y, eps_list, opts, num_classes, dim, indices, summary, log):
-    num = min(int(opts.get("num") or len(x)), len(x))
-    sel = spread(len(x), num)  # evenly spaced: the embedded splits are ordered by class
-    xs, ys = x[sel], y[sel]
-    r = M.certify_smoothing(model, xs, ys, sigma=opts["sigma"], n=opts["n"], n0=opts["n0"], alpha=opts["alpha"],
-                            srs_steps=opts.get("srs_steps", 0), batch_size=opts.get("batch_size", 500),
-                            num_classes=num_classes, progress=opts.get("progress", False))
-    radii = [float(v) for v in opts["radii"]]
-    acc = M.smoothing_accuracy(r, ys, radii)
-    summary["methods"]["smoothing"] = {
-        "num_images": num, "sigma": opts["sigma"], "n": opts["n"], "n0": opts["n0"], "alpha": opts["alpha"],
-        "srs_steps": opts.get("srs_steps", 0), "radii": radii, "l2_certified_accuracy": [acc[v] for v in radii],
-        "linf_certified_accuracy": [float(M.smoothing_linf(r, ys, e, dim).float().mean()) for e in eps_list],
-        "seconds_per_image": r["seconds"] / max(1, num)}
-    log("smoothing: " + ", ".join(f"r={v:g}: {100 * acc[v]:.1f}%" for v in radii)
-        + f" ({summary['methods']['smoothing']['seconds_per_image']:.3f} s/image, {num} images)")
-    return [{"index": indices[int(j)], "label": int(ys[i]), "method": "smoothing", "sigma": opts["sigma"],
-             "smoothed_prediction": int(r["prediction"][i]), "radius": float(r["radius"][i])}
-            for i, j in enumerate(sel)]
-
-
-def spread(total, num):
-    """``num`` evenly spaced indices in range(total) (LongTensor), all of them when num >= total."""
-    if num >= total:
-        return torch.arange(total)
-    return torch.linspace(0, total - 1, num).round().long()
 
 
 def run_certify(args, log=print):
     """The ``certify`` subcommand (args from ``main.build_parser``). Returns the exit code."""
+    shard = args.shard
+    if shard is not None and (not args.json or args.json == "-"):
+        raise ValueError("--shard K/N writes its share of the results to a shard file: pass --json PATH (then "
+                         "'lirpa-deq merge' the N files)")
     if args.json and args.json != "-":
         check_writable_file(args.json, "--json")  # before the work, whose results it would lose
     methods = list(dict.fromkeys(args.method))
@@ -222,20 +117,38 @@ def run_certify(args, log=print):
     subsets = {"lipschitz": args.lipschitz_num} if args.lipschitz_num else None
     x, y = X[sel].to(args.device), Y[sel].to(args.device)
     smoothing = {"sigma": args.sigma, "n": args.n, "n0": args.n0, "alpha": args.alpha, "srs_steps": args.srs_steps,
-                 "radii": args.radii, "num": args.smoothing_num, "batch_size": args.smoothing_batch,
-                 "progress": not args.no_progress}
-    summary, records = evaluate(model, x, y, args.eps, methods, num_classes=data["model"]["num_classes"],
-                                batch_size=args.batch_size, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts,
-                                smoothing=smoothing, indices=sel.tolist(), log=log, dataset=dataset,
-                                all_points=args.all_points, subsets=subsets, progress=not args.no_progress)
-    summary.update(checkpoint=str(args.checkpoint), split=args.split, model=data["model"])
-    table = format_table(summary)
-    if args.json == "-":
+                 "radii": args.radii, "num": args.smoothing_num, "batch_size": args.smoothing_batch}
+    plan, certifier = prepare(model, x, y, args.eps, methods, num_classes=data["model"]["num_classes"],
+                              batch_size=args.batch_size, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts,
+                              smoothing=smoothing, indices=sel.tolist(), all_points=args.all_points, subsets=subsets)
+    meta = {"checkpoint": str(args.checkpoint), "split": args.split, "model": data["model"], "dataset": dataset}
+    blocks = certify_blocks(certifier, plan, shard or (0, 1), progress=not args.no_progress)
+    if shard is not None:
+        from .merge_cmd import write_shard
+
+        if distributed.is_main():
+            write_shard(args.json, shard, plan, meta, blocks, args.checkpoint)
+        distributed.barrier()
+        log(f"shard {shard[0]}/{shard[1]}: {len(blocks)} of {plan.num_blocks} blocks of {plan.block_size} images "
+            f"({sum(b['stop'] - b['start'] for b in blocks)} of {plan.num_images}) -> {args.json}; when every shard "
+            "is done: lirpa-deq merge SHARD_FILES... --json RESULTS")
+        return 0
+    summary, records = summarize(plan, blocks, dataset)
+    for line in log_lines(summary):
+        log(line)
+    return report(summary, records, meta, args.json)
+
+
+def report(summary, records, meta, json_path) -> int:
+    """Add the run's checkpoint / split / model to ``summary``, print the table (stderr when the JSON
+    goes to stdout) and write the JSON lines, on rank 0 only. Returns the exit code (1 when a
+    certified point was broken by PGD), the same on every rank."""
+    summary.update(checkpoint=meta["checkpoint"], split=meta["split"], model=meta["model"])
+    if distributed.is_main():
         import sys
 
-        print(table, file=sys.stderr)
-    else:
-        print(table)
-    if args.json:
-        write_json_lines(args.json, records, summary)
+        print(format_table(summary), file=sys.stderr if json_path == "-" else sys.stdout)
+        if json_path:
+            write_json_lines(json_path, records, summary)
+    distributed.barrier()
     return 1 if any(summary["certified_but_attacked"].values()) else 0

@@ -1,4 +1,8 @@
-"""Argument parsing and error handling for ``lirpa-deq`` (subcommands: train, certify, demo).
+"""Argument parsing and error handling for ``lirpa-deq`` (subcommands: train, certify, merge, demo).
+
+Under ``torchrun`` (its RANK / WORLD_SIZE / LOCAL_RANK variables set) ``train`` and ``certify``
+join the process group first (``lirpa_deq.distributed``: gloo on CPU, nccl on GPU, ``--device
+cuda`` meaning this rank's GPU) and only rank 0 prints; ``merge`` and ``demo`` run in one process.
 
 Errors the user can cause (unknown dataset / model / method, missing data root, negative or NaN
 eps, n < n0, an unwritable --out / --json, a corrupt, truncated, NaN-weighted or mismatched
@@ -17,6 +21,7 @@ import warnings
 from ..data import DATASETS
 from ..models import MODELS
 from ..training.losses import METHODS as TRAIN_METHODS
+from .merge_cmd import parse_shard
 from .methods import METHODS as CERT_METHODS
 
 EXIT_USAGE = 2
@@ -149,7 +154,20 @@ def _add_certify(sub):
                    help="smooth only the first N selected images (default all)")
     g.add_argument("--smoothing-batch", type=_positive_int, default=500, help="noise samples per batch")
     p.add_argument("--json", default=None, metavar="PATH", help="per-sample JSON lines + summary ('-' = stdout)")
+    p.add_argument("--shard", type=parse_shard, default=None, metavar="K/N",
+                   help="certify only shard K of N (blocks of --batch-size images, round-robin) and write them to "
+                        "--json PATH for 'lirpa-deq merge' (job arrays; see docs/scaling.md)")
     _common(p)
+
+
+def _add_merge(sub):
+    p = sub.add_parser("merge", help="merge the shard files of 'certify --shard K/N' into one results file",
+                       description="Check that the files are the shards 0/N .. N-1/N of one certify run and write "
+                                   "the results file (JSON lines) and table that one process would. See "
+                                   "docs/scaling.md.")
+    p.add_argument("shards", nargs="+", metavar="SHARD_FILE", help="files written by certify --shard K/N --json")
+    p.add_argument("--json", default=None, metavar="PATH", help="per-sample JSON lines + summary ('-' = stdout)")
+    _common(p, device=False)
 
 
 def _add_demo(sub):
@@ -173,9 +191,10 @@ def _add_demo(sub):
 
 def build_parser():
     parser = _Parser(prog="lirpa-deq", description="Certified robustness for DEQs (auto_LiRPA plugin)")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{train,certify,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{train,certify,merge,demo}")
     _add_train(sub)
     _add_certify(sub)
+    _add_merge(sub)
     _add_demo(sub)
     return parser
 
@@ -200,11 +219,19 @@ def main(argv=None):
     from ..bounds import IntervalProofError
     from ..training.checkpoint import CheckpointError
 
-    log_err = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    log_out = lambda *a: print(*a, flush=True)  # noqa: E731
+    from .. import distributed
+
     try:
         if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: CUDA is not available in this torch build")
+        if distributed.launched_by_torchrun() and args.command in ("train", "certify"):
+            _, args.device = distributed.init_from_env(args.device)
+        elif distributed.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+            raise ValueError(f"'lirpa-deq {args.command}' runs in one process: start it without torchrun "
+                             "(train and certify run under torchrun)")
+        main_rank = distributed.is_main()
+        log_err = lambda *a: main_rank and print(*a, file=sys.stderr, flush=True)  # noqa: E731
+        log_out = lambda *a: main_rank and print(*a, flush=True)  # noqa: E731
         if args.command == "train":
             from .train_cmd import run_train
 
@@ -213,6 +240,10 @@ def main(argv=None):
             from .certify_cmd import run_certify
 
             return run_certify(args, log=log_err if args.json == "-" else log_out)
+        if args.command == "merge":
+            from .merge_cmd import run_merge
+
+            return run_merge(args, log=log_err if args.json == "-" else log_out)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -220,11 +251,14 @@ def main(argv=None):
     except (ValueError, OSError, CheckpointError, IntervalProofError, FloatingPointError) as exc:
         if os.environ.get("LIRPA_DEQ_DEBUG"):
             raise
-        print(_err(exc), file=sys.stderr)
+        ctx = distributed.current()
+        print(_err(exc) + (f" (rank {ctx.rank} of {ctx.world_size})" if ctx.world_size > 1 else ""), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("lirpa-deq: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
 
 
