@@ -10,5 +10,6 @@ from . import _compat  # noqa: F401  (must run before auto_LiRPA is imported any
 from . import bounds, nn  # noqa: E402  (registers the DEQ operator with auto_LiRPA)
 from .bounds import BoundDEQ, IntervalProofError, deq_nodes  # noqa: E402
 from .bounds.generic import ContractionError  # noqa: E402
+from .bounds.generic import picard as _picard  # noqa: E402,F401  (Picard-containment bounds of generic cells)
 
 __all__ = ["__version__", "nn", "bounds", "BoundDEQ", "IntervalProofError", "ContractionError", "deq_nodes"]
