@@ -65,10 +65,10 @@ class PicardBounds(GenericBounds):
         try:
             lo, hi, info = prove_picard_box(bounder, z_mid, start, x_lo, x_hi, self.interval_options)
         except IntervalProofError as err:
-            raise ContractionError(
-                f"{type(self.deq.cell).__name__} is neither a proved contraction ({contraction_error.reason}) nor "
-                f"has an invariant box of its Picard iteration ({err}); no bound is returned. "
-                f"{refusal_paths(self.deq.cell)}") from err
+            reason = (f"neither a proved contraction ({contraction_error.reason}) nor an invariant box of its "
+                      f"Picard iteration ({err})")
+            raise ContractionError(f"{type(self.deq.cell).__name__} has {reason}; no bound is returned. "
+                                   f"{refusal_paths(self.deq.cell)}", reason=reason) from err
         info.update(guarantee="picard-limit", lipschitz=None, lipschitz_source=None,
                     contraction_error=str(contraction_error), damping=picard_damping(self.deq))
         return lo, hi, info
