@@ -27,6 +27,7 @@ limit when an invariant box exists (docs/existing_deq.md).
 from __future__ import annotations
 
 import argparse
+import copy
 import warnings
 
 import torch
@@ -103,6 +104,19 @@ class TorchDEQ(nn.Module):
     @property
     def layer(self):
         return self._layer
+
+    # the layer's cell wraps a closure over THIS model: copies and pickles drop it (rebuilt at the next call)
+    def __deepcopy__(self, memo):
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = None if key == "_layer" else copy.deepcopy(value, memo)
+        return clone
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_layer"] = None
+        return state
 
     def _layer_for(self, func, z_init, solver_kwargs):
         layer = self._layer
