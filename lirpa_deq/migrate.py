@@ -129,8 +129,8 @@ def fit_ibp_monotone(weight, margin=0.5, similarity=True, steps=400, lr=0.05):
     scale = float(target.norm()) + 1e-12
     for _ in range(steps):
         err = (cell.operator().matrix - target).norm() / scale
-        if float(err) < best:
-            best, best_state = float(err), copy.deepcopy(cell.state_dict())
+        if float(err.detach()) < best:
+            best, best_state = float(err.detach()), copy.deepcopy(cell.state_dict())
         opt.zero_grad()
         err.backward()
         opt.step()
