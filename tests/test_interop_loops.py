@@ -31,7 +31,7 @@ def _bounds(bounded, x, method):
 def test_repeated_block_is_found_with_its_length_and_weight():
     x = torch.randn(2, 6)
     assert unrolled_loop(BoundedModule(LoopModel(12).eval(), x)) == (12, "W.weight")
-    assert unrolled_loop(BoundedModule(LoopModel(2).eval(), x)) is None  # two uses: weight sharing, not a loop
+    assert unrolled_loop(BoundedModule(LoopModel(3).eval(), x)) is None  # three uses: a weight-tied net, not a loop
     mlp = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
     assert unrolled_loop(BoundedModule(mlp, x)) is None
 

@@ -7,7 +7,7 @@ layer's interval, so the bounds come back NaN), and an unknown ``method`` (auto_
 DEQ node, C is checked first and a bare NotImplementedError says which method was asked for.
 
 Modules without DEQ nodes are left to auto_LiRPA's own behaviour, except one check: a graph that
-repeats the same block (a parameter used by three or more linear / conv operations along one
+repeats the same block (a parameter used by four or more linear / conv operations along one
 chain) is an unrolled fixed-point loop (``for _ in range(k): z = relu(W z + U x)``). Its bounds are
 those of the k-step unrolled network, which grow with k, and auto_LiRPA 0.3's CROWN fails on it;
 :func:`unrolled_loop` finds it, and ``compute_bounds`` then warns once (:class:`UnrolledLoopWarning`)
@@ -27,7 +27,7 @@ _WEIGHTED = set(bound_classes("BoundLinear", "BoundMatMul", "BoundConv"))
 _PASS_THROUGH = set(bound_classes("BoundTranspose", "BoundReshape", "BoundUnsqueeze", "BoundSqueeze",
                                   "BoundIdentity", "BoundCast"))
 _PARAMS = set(bound_classes("BoundParams"))
-MIN_REPEATS = 3
+MIN_REPEATS = 4  # three steps are still a plausible explicit network (e.g. a 3-layer weight-tied net)
 
 
 class UnrolledLoopWarning(UserWarning):
