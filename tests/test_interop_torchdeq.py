@@ -58,12 +58,34 @@ def test_settings_map_onto_lirpa_deq():
     s = deq_settings(vars(ARGS))
     assert (s["solver"], s["backward_solver"], s["max_iter"], s["tol"]) == ("fixed_point_iter", "fixed_point_iter", 200, 1e-9)
     assert (s["backward_max_iter"], s["backward_tol"]) == (60, 1e-8)
-    s = deq_settings({"f_solver": "anderson", "f_max_iter": 30, "eval_factor": 2.0, "tau": 0.7, "m": 4, "lam": 1e-3})
+    s = deq_settings({"f_solver": "anderson", "f_max_iter": 30, "eval_factor": 2.0, "tau": 0.5},
+                     solver_kwargs={"tau": 0.7, "m": 4, "lam": 1e-3})
     assert (s["solver"], s["max_iter"], s["damping"], s["m"], s["lam"]) == ("anderson", 60, 0.7, 4, 1e-3)
+    assert "damping" not in deq_settings({"tau": 0.5})  # the configuration's tau is PhantomGrad's
     assert deq_settings({"f_max_iter": 30, "eval_factor": 2.0}, training=True)["max_iter"] == 30
+    assert deq_settings({"f_max_iter": 30}, solver_kwargs={"f_max_iter": 7})["max_iter"] == 7
+    parser = argparse.ArgumentParser()
+    torchdeq.add_deq_args(parser)  # torchdeq's own argument parser, with its defaults
+    s = deq_settings(vars(parser.parse_args(["--f_solver", "anderson", "--f_max_iter", "25", "--f_tol", "1e-4"])))
+    assert (s["solver"], s["backward_solver"], s["max_iter"], s["tol"], s["backward_tol"]) == \
+        ("anderson", "fixed_point_iter", 25, 1e-4, 1e-6)
+    assert lirpa_get_deq(parser.parse_args([])).config["core"] == "sliced"
     assert deq_settings({"f_solver": "simple_fixed_point_iter"})["solver"] == "fixed_point_iter"
     with pytest.raises(ValueError, match="no lirpa_deq counterpart"):
         lirpa_get_deq(f_solver="newton")
+
+
+def test_call_time_solver_kwargs_reach_the_solver():
+    torch.manual_seed(0)
+    model = TorchDEQModel(lirpa_get_deq, ARGS).eval()
+    x = torch.randn(2, 5)
+    y = model(x)
+    u = model.inj(x)
+    z_out, info = model.deq(lambda z: model.f(z, u), torch.zeros(2, model.n), solver_kwargs={"tau": 0.5})
+    assert model.deq.layer.solver_opts == {"damping": 0.5}
+    assert torch.allclose(model.head(z_out[-1]), y, atol=1e-5)  # same fixed point, damped iteration
+    _, info = model.deq(lambda z: model.f(z, u), torch.zeros(2, model.n), solver_kwargs={"f_max_iter": 2})
+    assert float(info["nstep"].max()) <= 2
 
 
 @pytest.mark.parametrize("norm", [None, "weight_norm", "spectral_norm"])

@@ -16,8 +16,8 @@ Settings map onto lirpa_deq's (:data:`SOLVER_NAMES`, :func:`deq_settings`):
 | ``f_max_iter`` (40), ``eval_f_max_iter`` / ``eval_factor`` | ``max_iter`` in training mode / in eval mode (bounds run in eval mode) |
 | ``f_tol`` (1e-3), ``b_tol`` (1e-6), ``b_max_iter`` (40) | ``tol``, ``backward_tol``, ``backward_max_iter`` |
 | ``f_stop_mode`` 'abs' / 'rel' | lirpa_deq always stops on the relative residual; 'abs' tolerances are used as relative ones |
-| ``solver_kwargs`` / ``kwargs``: ``tau`` (damping), ``m``, ``lam`` (Anderson) | ``damping``, ``m``, ``lam`` |
-| ``ift``, ``hook_ift``, ``grad``, ``n_states``, ``indexing``, ``core``, ``sup_gap``, ... | ignored: gradients are always implicit (IFT), one state is returned |
+| call-time ``solver_kwargs``: ``tau`` (damping), ``m``, ``lam`` (Anderson), ``f_max_iter`` | ``damping``, ``m``, ``lam``, ``max_iter`` |
+| ``ift``, ``hook_ift``, ``grad``, ``tau`` (PhantomGrad's), ``n_states``, ``indexing``, ``core``, ... | ignored: gradients are always implicit (IFT), one state is returned |
 
 Which fixed point is bounded: the one the layer's solve starts from zeros (the node ignores
 ``z_init``; the eager forward honours it as a warm start). With torchdeq's default solver
@@ -68,18 +68,25 @@ def _solver(config, key):
     return SOLVER_NAMES[name]
 
 
-def deq_settings(config: dict, training: bool = False) -> dict:
-    """Keyword arguments of :class:`lirpa_deq.nn.DEQ` for a torchdeq configuration (see module doc)."""
+def deq_settings(config: dict, solver_kwargs: dict | None = None, training: bool = False) -> dict:
+    """Keyword arguments of :class:`lirpa_deq.nn.DEQ` for a torchdeq configuration (``get_deq``'s
+    arguments) and the call's ``solver_kwargs`` (see module doc). As in torchdeq, solver options
+    (``tau``, ``m``, ``lam``) come from ``solver_kwargs`` only: a ``tau`` in the configuration is
+    PhantomGrad's damping, not the solver's."""
+    call = dict(solver_kwargs or {})
     f_max_iter = int(config.get("f_max_iter", _DEFAULTS["f_max_iter"]))
     eval_max = int(config.get("eval_f_max_iter", 0) or 0)
     if eval_max <= 0:
         eval_max = int(f_max_iter * float(config.get("eval_factor", _DEFAULTS["eval_factor"])))
+    max_iter = f_max_iter if training else eval_max
+    if isinstance(call.get("f_max_iter"), (int, float)):
+        max_iter = int(call["f_max_iter"])
     solver, backward = _solver(config, "f_solver"), _solver(config, "b_solver")
     opts = {}
     for theirs, ours in _OPTION_NAMES.items():
-        if theirs in config and ours in (_SOLVER_OPTIONS[solver] | _SOLVER_OPTIONS[backward]):
-            opts[ours] = config[theirs]
-    return dict(solver=solver, backward_solver=backward, max_iter=max(1, f_max_iter if training else eval_max),
+        if theirs in call and ours in (_SOLVER_OPTIONS[solver] | _SOLVER_OPTIONS[backward]):
+            opts[ours] = call[theirs]
+    return dict(solver=solver, backward_solver=backward, max_iter=max(1, max_iter),
                 tol=float(config.get("f_tol", _DEFAULTS["f_tol"])),
                 backward_tol=float(config.get("b_tol", _DEFAULTS["b_tol"])),
                 backward_max_iter=max(1, int(config.get("b_max_iter", _DEFAULTS["b_max_iter"]))),
@@ -123,14 +130,14 @@ class TorchDEQ(nn.Module):
         with _suspend_tracing():  # plain Python checks, nothing to record
             tail = tuple(int(s) for s in z_init.shape[1:])
             reuse = layer is not None and layer.cell.accepts(func) and layer.cell._state_tail == tail
-        settings = deq_settings({**self.config, **(solver_kwargs or {})}, training=self.training)
-        if not reuse:
-            cell = ClosureCell(func, z_init, skip=(self,))
+        settings = deq_settings(self.config, solver_kwargs, training=self.training)
+        options = {k: v for k, v in settings.items() if k in ("damping", "m", "lam")}
+        if not reuse or layer.solver_opts != options:
+            cell = ClosureCell(func, z_init, skip=(self,)) if not reuse else layer.cell
             layer = DEQ(cell, **settings)
             self.__dict__["_layer"] = layer
         else:
             layer.max_iter = settings["max_iter"]
-        layer.train(self.training)
         return layer
 
     def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
