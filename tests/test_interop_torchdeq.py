@@ -140,6 +140,19 @@ def test_weights_changed_by_training_rebuild_the_bounds():
     assert bool((lb2 <= truth + 1e-5).all() and (truth <= ub2 + 1e-5).all())
 
 
+def test_torchdeq_normed_cell_in_a_lirpa_deq_layer():
+    torch.manual_seed(3)
+    cell = Layer(6)
+    apply_norm(cell, "weight_norm")
+    reset_norm(cell)  # with gradients: the normalized weight carries a graph
+    model = nn.Sequential(nn.Linear(4, 6), lirpa_deq.nn.DEQ(cell), nn.Linear(6, 2)).eval()
+    x = torch.randn(2, 4)
+    bounded = BoundedModule(model, x)
+    lb, ub = bounded.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.05)),), method="IBP")
+    y = model(x)
+    assert bool((lb <= y + 1e-5).all() and (y <= ub + 1e-5).all())
+
+
 def test_torchdeq_layer_itself_is_refused_with_the_drop_in():
     model = TorchDEQModel(torchdeq.get_deq, ARGS).eval()
     with pytest.raises(TypeError, match="from lirpa_deq.interop.torchdeq import get_deq"):
