@@ -151,6 +151,12 @@ def test_torchdeq_normed_cell_in_a_lirpa_deq_layer():
     lb, ub = bounded.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.05)),), method="IBP")
     y = model(x)
     assert bool((lb <= y + 1e-5).all() and (y <= ub + 1e-5).all())
+    with torch.no_grad():  # new weights, recomputed without a gradient graph (docs/existing_deq.md)
+        cell.W.weight_g.mul_(0.7)
+        reset_norm(cell)
+    lb2, ub2 = bounded.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.05)),), method="IBP")
+    y2 = model(x)
+    assert not torch.allclose(y, y2) and bool((lb2 <= y2 + 1e-5).all() and (y2 <= ub2 + 1e-5).all())
 
 
 def test_torchdeq_layer_itself_is_refused_with_the_drop_in():

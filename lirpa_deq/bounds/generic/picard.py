@@ -40,16 +40,19 @@ def picard_damping(deq):
 
 
 class PicardBounds(GenericBounds):
-    """Generic-cell bounds with the Picard-containment fallback (see module doc)."""
+    """Generic-cell bounds that state their guarantee, with the Picard-containment fallback for
+    layers solved by fixed-point iteration (see module doc)."""
 
     @classmethod
     def handles(cls, deq):
-        return bool(deq.generic) and picard_damping(deq) is not None
+        return bool(deq.generic)
 
     def _prove(self, x_lo, x_hi, params, z_mid):
         try:
             lo, hi, info = super()._prove(x_lo, x_hi, params, z_mid)
         except ContractionError as err:
+            if picard_damping(self.deq) is None:  # another solver may reach another fixed point
+                raise
             return self._prove_invariant(x_lo, x_hi, z_mid, err)
         info["guarantee"] = "unique-fixed-point"
         return lo, hi, info
