@@ -64,10 +64,11 @@ def test_box_info_states_the_picard_guarantee_and_the_invariant_box():
         assert bool((rep(inv_lo) - 1e-9 <= z).all() and (z <= rep(inv_hi) + 1e-9).all())
 
 
-def test_contractive_cells_keep_the_unique_fixed_point_guarantee():
+@pytest.mark.parametrize("solver", ["fixed_point_iter", "anderson"])
+def test_contractive_cells_keep_the_unique_fixed_point_guarantee(solver):
     torch.manual_seed(0)
     cell = ScaledCell(spread=0.0)  # D = I: ||W||_2 = ||A||_2, a contraction for this seed
-    model = nn.Sequential(nn.Linear(3, 4), DEQ(cell, solver="fixed_point_iter"), nn.Linear(N, 2)).double().eval()
+    model = nn.Sequential(nn.Linear(3, 4), DEQ(cell, solver=solver), nn.Linear(N, 2)).double().eval()
     x = torch.randn(2, 3, dtype=torch.float64)
     bounded = BoundedModule(model, x)
     _bounds(bounded, x)
