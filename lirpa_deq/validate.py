@@ -180,6 +180,15 @@ def _model_tensors(model) -> list:
     return [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
 
 
+def check_dtype(u: torch.Tensor, params) -> None:
+    """TypeError unless the DEQ input ``u`` has the dtype of the cell's parameters (tensors)."""
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
+    if dtypes and u.dtype not in dtypes:
+        raise TypeError(f"the DEQ layer's input is {u.dtype} but its cell's parameters are "
+                        f"{sorted(map(str, dtypes))[0]}: convert the input (x.to(dtype)) or the model "
+                        "(model.to(dtype)) so they agree")
+
+
 def check_matches_model(x: torch.Tensor, model, name: str = "x", device: bool = True) -> torch.Tensor:
     """ValueError unless ``x`` has the dtype (and, if ``device``, the device) of EVERY floating
     parameter and buffer of the model (the message names the first that differs)."""

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 import lirpa_deq.nn as L
-from lirpa_deq.nn import DEQ, DEQConvergenceError, DEQConvergenceWarning, deq_modules, serial_warm_start
+from lirpa_deq.nn import (DEQ, DEQConvergenceError, DEQConvergenceWarning, deq_modules, serial_warm_start,
+                          warm_start_state)
 from test_nn_common import CELL_IDS, CELL_SPECS, fixed_point_residual, make_cell, state_shape
 
 SPEC = dict(zip(CELL_IDS, CELL_SPECS))
@@ -191,7 +192,7 @@ def test_serial_warm_start_one_step_and_restore():
             deq(torch.randn(3, cell.channels, 4, 4, dtype=F64))  # new shape: cold start, full budget
             iters.append(deq.last_stats.iterations)
         assert iters[0] > 1 and iters[1:4] == [1, 1, 1] and iters[4] > 1
-        assert deq._serial is None
+        assert warm_start_state(deq) is None
         deq(x)  # back to normal: cold start, full budget, policy 'raise' again
         assert deq.last_stats.iterations > 1
     with pytest.raises(ValueError, match="max_iter"):
@@ -202,11 +203,11 @@ def test_serial_warm_start_one_step_and_restore():
 def test_nested_serial_warm_start_restores_outer():
     deq = DEQ(L.IBPMonLinear(4))
     with serial_warm_start(deq, max_iter=3):
-        outer = deq._serial
+        outer = warm_start_state(deq)
         with serial_warm_start(deq, max_iter=1):
-            assert deq._serial["max_iter"] == 1
-        assert deq._serial is outer
-    assert deq._serial is None
+            assert warm_start_state(deq).max_iter == 1
+        assert warm_start_state(deq) is outer
+    assert warm_start_state(deq) is None
 
 
 def test_training_smoke():

@@ -26,6 +26,7 @@ import torch
 from auto_LiRPA import PerturbationLpNorm
 
 from .._compat import bound_classes
+from ..validate import check_dtype
 
 NORM_AWARE = bound_classes("BoundLinear", "BoundMatMul", "BoundConv")
 SHAPE_ONLY = bound_classes("BoundReshape", "BoundFlatten", "BoundUnsqueeze", "BoundSqueeze",
@@ -119,15 +120,6 @@ def injection_box(u_node, u_lo, u_hi, center=None):
     if not bool(torch.isfinite(radius).all() and (radius >= 0).all()):
         raise ValueError(f"eps of the perturbation must be finite and >= 0, got {eps!r}")
     return center - radius, center + radius
-
-
-def check_dtype(u, params):
-    """TypeError unless the DEQ input ``u`` has the dtype of the cell's parameters (a list of tensors)."""
-    dtypes = {p.dtype for p in params if p.is_floating_point()}
-    if dtypes and u.dtype not in dtypes:
-        raise TypeError(f"the DEQ layer's input is {u.dtype} but its cell's parameters are "
-                        f"{sorted(map(str, dtypes))[0]}: convert the input (x.to(dtype)) or the model "
-                        "(model.to(dtype)) so they agree")
 
 
 def checked_box(u_lo, u_hi, params):

@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from .._progress import Progress
+from ..training.losses import margin_spec as margin_rows
 from .closed_form import global_bound
 from .layers import flatten_model
 from .options import LipschitzOptions, check_options
@@ -67,8 +68,6 @@ def margin_spec(labels, num_classes, x):
     if num_classes < 2:
         raise ValueError(f"certification needs at least 2 classes, the model has {num_classes}")
     labels = check_labels(labels, x.shape[0], int(num_classes), name="labels").to(x.device)
-    from ..training.losses import margin_spec as margin_rows
-
     return margin_rows(labels, int(num_classes)).to(x.dtype)
 
 

@@ -31,6 +31,7 @@ import math
 import torch
 
 from .backprop import abs_apply, affine_back, relu_mult, rep
+from .closed_form import dual_norm
 from .layers import gamma
 from .neumann import NonnegOp, neumann_bound, rho_direction, state_fan
 
@@ -105,8 +106,6 @@ def deq_local(lr, gc, gr, max_unroll=500, tail_rtol=1e-6, min_unroll=2, info=Non
 def propagate(region, shapes, C_rows, method, opts, info=None):
     """(N,) bounds on the dual norm of every row's gradient, or inf for rows without one (never
     NaN). C_rows (N, *out_shape); opts: norm, max_unroll, tail_rtol."""
-    from .closed_form import dual_norm
-
     layers, norm = region.layers, opts["norm"]
     gc, gr = C_rows, torch.zeros_like(C_rows)
     n = gc.shape[0]

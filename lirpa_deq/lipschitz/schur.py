@@ -38,6 +38,7 @@ from .closed_form import dual_norm
 from .layers import gamma
 from .leaves import leaf_bound
 from .neumann import NonnegOp, neumann_bound
+from .propagation import _deq_setup
 
 F64 = torch.float64
 
@@ -118,8 +119,6 @@ def refine_local(region, shapes, C_rows, norm, max_state=1024, max_leaves=1024, 
                  tick=None):
     """(N,) refined bounds (inf for rows where the refinement does not apply). C_rows
     (N = B * K, *out_shape); tick: None or a callable told of each finished sample."""
-    from .propagation import _deq_setup
-
     layers = region.layers
     N = C_rows.shape[0]
     out = torch.full((N,), math.inf, dtype=C_rows.dtype, device=C_rows.device)

@@ -1,13 +1,13 @@
 """The DEQ layer: ``z* = cell(z*, u)`` with implicit (adjoint) gradients.
 
 Forward: the fixed point is found under ``torch.no_grad()`` by a registered solver; then ONE
-differentiable cell step ``out = relu(W z* + u)`` is taken at the (detached) fixed point and a
+differentiable cell step ``out = cell(z*, u)`` is taken at the (detached) fixed point and a
 gradient hook on ``out`` replaces the incoming gradient ``grad`` by the solution ``g`` of the
-adjoint system ``g = grad + J^T g`` with ``J = D W``, ``D = diag(relu'(W z* + u))``. Autograd
-then carries ``g`` through that one step to ``u`` and to the cell parameters (or to the
-tensors passed in ``params``). The adjoint is solved in the form ``h = D g``:
-``h = D (W^T h + grad)`` (a ReLU-affine problem with a 0/1 mask as nonlinearity, so every
-solver, splitting included, applies) and ``g = grad + W^T h``.
+adjoint system ``g = grad + J^T g`` (``J = d cell / d z`` at z*). Autograd then carries ``g``
+through that one step to ``u`` and to the cell parameters (or to the tensors passed in
+``params``). The map, the step and the adjoint system of each cell family are its
+:class:`~lirpa_deq.nn.fixed_point.FixedPointProblem`; this module owns what is common: start,
+iteration budget, solver calls, statistics and the non-convergence policy.
 """
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..solvers import ReLUAffineProblem, get_solver, requires_problem, solver_options
+from ..solvers import generic_solver_names, get_solver, requires_problem, solver_options
+from ..validate import check_dtype
 from .cells.base import ReLUAffineCell
-from .generic import generic_solve, generic_state_shape
+from .fixed_point import FixedPointProblem, fixed_point_class
+from .warm_state import warm_start_state
 
 ON_NONCONVERGENCE = ("warn", "raise", "ignore")
 DEFAULT_MAX_ITER = 50
@@ -96,7 +98,7 @@ class DEQ(nn.Module):
         if not isinstance(cell, nn.Module):
             raise TypeError(f"DEQ needs an nn.Module cell with forward(z, x) -> z, got {type(cell).__name__}")
         self.cell = cell
-        self.generic = not isinstance(cell, ReLUAffineCell)
+        self._problem_cls = fixed_point_class(cell)
         chosen = solver is not None
         solver = default_solver(cell) if solver is None else solver
         if max_iter is None:
@@ -104,12 +106,12 @@ class DEQ(nn.Module):
             max_iter = MONOTONE_DEFAULT_MAX_ITER if monotone_default else DEFAULT_MAX_ITER
         self._solver = get_solver(solver)
         self._bsolver = get_solver(solver if backward_solver is None else backward_solver)
-        if self.generic:
+        if not self._problem_cls.structured:
             for role, s in (("solver", self._solver), ("backward_solver", self._bsolver)):
                 if requires_problem(s):
                     raise ValueError(f"{role}={s.__name__!r} is a splitting solver, which needs a ReLU-affine "
-                                     f"cell; {type(cell).__name__} is a generic cell: use 'anderson', "
-                                     "'broyden' or 'fixed_point_iter'")
+                                     f"cell; {type(cell).__name__} is a generic cell: use one of "
+                                     f"{', '.join(map(repr, generic_solver_names()))}")
         self.solver = solver
         self.backward_solver = solver if backward_solver is None else backward_solver
         self.tol = _check_tol("tol", tol)
@@ -132,7 +134,6 @@ class DEQ(nn.Module):
         self._bopts = {k: v for k, v in solver_opts.items() if k in bwd}
         self.last_stats = None
         self.last_backward_stats = None
-        self._serial = None  # set by serial_warm_start
 
     def forward(self, u, z0=None):
         if torch._C._get_tracing_state() is not None:  # auto_LiRPA is tracing: emit ONE node
@@ -140,73 +141,73 @@ class DEQ(nn.Module):
             return traced_deq(self, u)
         return self.solve(u, z0=z0)
 
+    @property
+    def generic(self) -> bool:
+        """True for a generic cell (any ``nn.Module``), False for a ReLU-affine one."""
+        return not self._problem_cls.structured
+
+    def problem(self, params: dict | None = None) -> FixedPointProblem:
+        """The cell's :class:`~lirpa_deq.nn.fixed_point.FixedPointProblem` (operator built once);
+        ``params`` as in :meth:`solve`."""
+        return self._problem_cls(self.cell, params)
+
     def solve(self, u: torch.Tensor, params: dict | None = None, z0: torch.Tensor | None = None):
         """The fixed point for injection (input) ``u``; ``params`` overrides cell parameters
         (name -> tensor, keys of ``cell.named_parameters()``; gradients then reach those tensors).
         ``z0``: warm start of the state's shape (default zeros, or the previous solution under
         ``serial_warm_start``)."""
-        if self.generic:
-            z0, max_iter, policy = self._start(u, z0)
-            out = generic_solve(self, u, params, z0, max_iter, policy)
-            if self._serial is not None:
-                self._serial["prev"] = out.detach()
-            return out
-        self.cell.state_shape(u.shape)
-        op = self.cell.operator(params)
-        op.prepare(tuple(u.shape[1:]))  # size-dependent pieces built once, with grad
-        z0, max_iter, policy = self._start(u, z0)
-        margin = self.cell.margin
-        if not self.implicit:
-            z, stats = self._solver(ReLUAffineProblem(op, u, margin=margin), z0, tol=self.tol,
-                                    max_iter=max_iter, **self._fopts)
+        check_dtype(u, params.values() if params else self.cell.parameters())
+        problem = self.problem(params)
+        warm = warm_start_state(self)
+        z0, max_iter = self._start(u, z0, warm)
+        problem.prepare(u, z0)
+        policy = self.on_nonconvergence if warm is None else "ignore"
+        if not self.implicit:  # differentiate through the solver's iterations
+            z, stats = self._solver(problem.solver_map(u), z0, tol=self.tol, max_iter=max_iter,
+                                    **self._fopts)
             self._record(stats, policy, "forward")
-            out = self.cell.step(z, u, op)
+            out = problem.step(z, u)
         else:
             with torch.no_grad():
-                z, stats = self._solver(ReLUAffineProblem(op, u, margin=margin), z0.detach(),
-                                        tol=self.tol, max_iter=max_iter, **self._fopts)
+                z, stats = self._solver(problem.solver_map(u), z0.detach(), tol=self.tol,
+                                        max_iter=max_iter, **self._fopts)
             self._record(stats, policy, "forward")
-            out = self.cell.step(z.detach(), u, op)
+            z = z.detach()
+            out = problem.step(z, u)
             if out.requires_grad:
-                self._attach_adjoint(out, op, policy)
-        if self._serial is not None:
-            self._serial["prev"] = out.detach()
+                self._attach_adjoint(out, problem.adjoint(z, out, u), policy)
+        if warm is not None:
+            warm.prev = out.detach()
         return out
 
     # -- internals ----------------------------------------------------------------------------
-    def _start(self, u, z0):
-        serial = self._serial
-        policy = self.on_nonconvergence if serial is None else "ignore"
+    def _start(self, u, z0, warm):
+        """(start state, iteration budget) of a solve for ``u``."""
         shape = self.state_shape(u.shape)
         if z0 is not None:
             if tuple(z0.shape) != shape:
                 raise ValueError(f"z0 shape {tuple(z0.shape)} != state shape {shape}")
-            return z0.to(dtype=u.dtype, device=u.device), self.max_iter, policy
-        if serial is not None:
-            prev = serial["prev"]
+            return z0.to(dtype=u.dtype, device=u.device), self.max_iter
+        if warm is not None:
+            prev = warm.prev
             if prev is not None and tuple(prev.shape) == shape and prev.dtype == u.dtype \
                     and prev.device == u.device:
-                return prev, serial["max_iter"], policy
-        return torch.zeros(shape, dtype=u.dtype, device=u.device), self.max_iter, policy
+                return prev, warm.max_iter
+        return torch.zeros(shape, dtype=u.dtype, device=u.device), self.max_iter
 
     def state_shape(self, x_shape):
         """Full shape of z* for an input of shape ``x_shape``."""
-        if self.generic:
-            return generic_state_shape(self.cell, x_shape)
-        return tuple(x_shape)
+        return self._problem_cls.state_shape(self.cell, x_shape)
 
-    def _attach_adjoint(self, out, op, policy):
-        mask = (out.detach() > 0).to(out.dtype)  # relu'(s*) exactly as autograd uses it
-        margin = self.cell.margin
-
+    def _attach_adjoint(self, out, system, policy):
+        """Replace the gradient reaching ``out`` by the solution of the adjoint ``system``."""
         def adjoint_hook(grad):
             if grad is None:  # undefined gradient: nothing flows back
                 return grad
             with torch.no_grad():
-                prob = ReLUAffineProblem(op, grad, margin=margin, transpose=True, mask=mask)
-                h, stats = self._bsolver(prob, mask * grad, tol=self.backward_tol,
+                h, stats = self._bsolver(system.map(grad), system.start(grad), tol=self.backward_tol,
                                          max_iter=self.backward_max_iter, **self._bopts)
-                g = grad + op.WT(h)
+                g = system.finish(grad, h)
             self._record(stats, policy, "backward")
             return g
 
@@ -220,16 +221,7 @@ class DEQ(nn.Module):
         if stats.converged or policy == "ignore":
             return
         tol = self.tol if phase == "forward" else self.backward_tol
-        if self.generic:
-            hint = ("raise max_iter, or check that the cell is a contraction in z "
-                    "(lirpa_deq.bounds.generic.graph_lipschitz)")
-        elif stats.solver == "peaceman_rachford":
-            hint = ("raise max_iter (Peaceman-Rachford converges for every monotone cell, at a "
-                    "rate set by the conditioning ||I - W|| / m), or check the cell's margin "
-                    "(cell.check())")
-        else:
-            hint = ("raise max_iter, use solver='peaceman_rachford' (converges for every monotone "
-                    "cell), or check the cell's margin (cell.check())")
+        hint = self._problem_cls.nonconvergence_hint(stats.solver)
         msg = (f"DEQ {phase} solve with {stats.solver} did not converge: residual "
                f"{stats.residual:.3e} > tol {tol:g} after {stats.iterations} iterations. Hint: {hint}.")
         if policy == "raise":

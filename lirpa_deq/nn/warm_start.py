@@ -4,7 +4,8 @@ Inside ``serial_warm_start(model, max_iter=k)`` each DEQ in ``model`` restarts e
 from its previous call's output (when shape, dtype and device match; otherwise from zeros
 with its normal ``max_iter``), runs at most ``k`` solver iterations, and never warns or
 raises on non-convergence (``last_stats`` still records what happened). On exit, every
-module returns to its previous configuration (nesting is supported).
+module returns to its previous configuration (nesting is supported). The state is
+context-local (:mod:`lirpa_deq.nn.warm_state`), never an attribute of the modules.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import contextlib
 import numbers
 
 from .deq import DEQ
+from .warm_state import activate, restore
 
 
 def deq_modules(model) -> list:
@@ -28,11 +30,8 @@ def serial_warm_start(model, max_iter: int = 1):
     if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"serial_warm_start max_iter must be an integer >= 1, got {max_iter!r}")
     mods = deq_modules(model)
-    saved = [m._serial for m in mods]
-    for m in mods:
-        m._serial = {"max_iter": int(max_iter), "prev": None}
+    token = activate(mods, max_iter)
     try:
         yield mods
     finally:
-        for m, s in zip(mods, saved):
-            m._serial = s
+        restore(token)

@@ -30,22 +30,20 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..nn import DEQ, ReLUAffineCell
+
 TAU = 1e-9
 AFFINE = (nn.Flatten, nn.Identity, nn.Linear, nn.AvgPool2d, nn.Dropout, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def split_deq_model(model):
     """``(pre, deq, post)`` for ``nn.Sequential(*pre, DEQ, *post)`` with an affine ``post``, else None."""
-    from lirpa_deq.nn import DEQ
-
     if not isinstance(model, nn.Sequential):
         return None
     mods = list(model)
     idx = [i for i, m in enumerate(mods) if isinstance(m, DEQ)]
     if len(idx) != 1 or any(isinstance(m, DEQ) for m in mods[idx[0]].modules() if m is not mods[idx[0]]):
         return None
-    from lirpa_deq.nn import ReLUAffineCell
-
     if not isinstance(mods[idx[0]].cell, ReLUAffineCell):
         return None  # the lemma needs relu(W z + u) with I - W0 >= m I (generic cells: use the audit)
     post = mods[idx[0] + 1:]

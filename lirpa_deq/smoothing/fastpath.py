@@ -23,6 +23,7 @@ import math
 import torch
 
 from .._progress import progress_iter
+from ..solvers import get_solver, solver_options
 from .agreement import AgreementCertifier
 from .core import gaussian_noise
 from .fused import FusedAnderson, StopTest
@@ -34,15 +35,12 @@ class AgreementPass:
     """Runs the serialized pass for one certification.  Holds the per-call statistics."""
 
     def __init__(self, pre, deq, post, num_classes, steps):
-        from lirpa_deq.solvers import ReLUAffineProblem, get_solver, solver_options
-
         self.pre, self.deq, self.post, self.steps = pre, deq, post, int(steps)
         self.num_classes = num_classes
-        self._problem = ReLUAffineProblem
         self.solver = get_solver(deq.solver)
         names = solver_options(self.solver)
         self.opts = {k: v for k, v in deq.solver_opts.items() if k in names}
-        self.certifier = self.op = self.fused = None
+        self.certifier = self.problem = self.fused = None
         self._iters = self._row_iters = self._calls = 0
         self.uncertain = self.rescued = self.retried = 0
         self.rescue_chunk = 4
@@ -70,25 +68,25 @@ class AgreementPass:
         if self.certifier.b.numel() != self.num_classes:
             raise ValueError(f"the model has {self.certifier.b.numel()} outputs, expected num_classes="
                              f"{self.num_classes}")
-        self.op = self.deq.cell.operator()
-        self.op.prepare(tuple(u.shape[1:]))
+        self.problem = self.deq.problem()  # the DEQ's own fixed-point problem, operator built once
+        self.problem.prepare(u, None)
         self.stop = StopTest(self.certifier, u.dtype, u.device)
         name = self.deq.solver
         if name in ("anderson", "fixed_point_iter"):
             o = self.opts
             m = int(o.get("m", 5)) if name == "anderson" else 1
             lam = float(o.get("lam", 1e-4)) if name == "anderson" else 0.0
-            self.fused = FusedAnderson(self.op, u.shape[1:], self.stop, m=m, lam=lam,
+            self.fused = FusedAnderson(self.problem.op, u.shape[1:], self.stop, m=m, lam=lam,
                                        damping=float(o.get("damping", 1.0)))
 
     def _solve(self, u, z0, max_iter):
         """The DEQ's own solver from ``z0``, then one cell step (the state classified / passed on)."""
-        prob = self._problem(self.op, u, margin=self.deq.cell.margin)
-        z, stats = self.solver(prob, z0, tol=self.deq.tol, max_iter=max_iter, **self.opts)
+        z, stats = self.solver(self.problem.solver_map(u), z0, tol=self.deq.tol, max_iter=max_iter,
+                               **self.opts)
         self._iters += stats.iterations
         self._row_iters += stats.iterations * u.shape[0]
         self._calls += 1
-        return torch.relu(self.op.W(z) + u)
+        return self.problem.step(z, u)
 
     def _warm_up(self, u):
         """Batch 0: from zero, each row until its label looks certifiable (stopping test) or its

@@ -32,6 +32,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 import torch
 
 from .._progress import progress_iter
+from ..nn import serial_warm_start
 from ..validate import check_positive_int
 from .agreement import split_deq_model
 from .core import Smooth, CertifyResult, gaussian_noise, make_generator
@@ -42,12 +43,7 @@ CERTIFICATES = ("auto", "agreement", "audit")
 
 
 def default_serial_context(model, steps: int) -> ContextManager:
-    """``lirpa_deq.nn.serial_warm_start(model, max_iter=steps)`` (imported lazily)."""
-    try:
-        from lirpa_deq.nn import serial_warm_start
-    except ImportError as exc:  # pragma: no cover - depends on the installed package state
-        raise ImportError("SerializedSmooth needs lirpa_deq.nn.serial_warm_start for DEQ models; "
-                          "or pass fast_model= / serial_context= explicitly") from exc
+    """``lirpa_deq.nn.serial_warm_start(model, max_iter=steps)``."""
     return serial_warm_start(model, max_iter=steps)
 
 
