@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ...nn.warm_state import warm_start_state
 from ..cell_bounds import register_cell_bounds
 from ..interval import IntervalProofError
 from .box import prove_picard_box
@@ -58,7 +59,7 @@ class PicardBounds(GenericBounds):
         return lo, hi, info
 
     def _prove_invariant(self, x_lo, x_hi, z_mid, contraction_error):
-        if self.deq._serial is not None:
+        if warm_start_state(self.deq) is not None:
             raise ContractionError(f"{contraction_error} Under serial_warm_start the Picard solve does not start at "
                                    "zeros, so its invariant box does not apply either.") from contraction_error
         bounder = self._bounder_for(z_mid, x_lo)
