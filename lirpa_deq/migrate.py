@@ -183,7 +183,7 @@ def _fine_tune(model, train, eps, epochs, method, lr, batch_size, kappa_final, n
         opt.step()
         sync_buffers(bounded, model)
         if log is not None and (step + 1) % max(1, steps // 5) == 0:
-            log(f"fine-tune step {step + 1}/{steps}: loss {float(loss):.3f}, clean {stats['clean_acc']:.2f}, "
+            log(f"fine-tune step {step + 1}/{steps}: loss {float(loss.detach()):.3f}, clean {stats['clean_acc']:.2f}, "
                 f"verified {stats['verified'] if stats['verified'] is not None else 0:.2f}")
     model.eval()
 
