@@ -71,8 +71,26 @@ class DEQFixedPoint(torch.autograd.Function):
         return g.op(OP_NAME, u, *params, deq_i=int(key)).setType(z_star.type())
 
 
+def _detach_torchdeq_norms(cell):
+    """torchdeq's norms (``torchdeq.norm.apply_norm``) keep the normalized weight as a plain tensor
+    attribute that carries a gradient graph, which the nested trace of the cell cannot take as a
+    constant: recompute it without gradients (same value; outside the trace)."""
+    for m in cell.modules():
+        norm = getattr(m, "_deq_norm", None)
+        if norm is None:
+            continue
+        with _suspend_tracing(), torch.no_grad():
+            if not m.training:  # (in training mode torchdeq's spectral norm would run a power iteration)
+                norm(m)
+            for name in getattr(norm, "names", ()):
+                value = getattr(m, name, None)
+                if isinstance(value, torch.Tensor) and value.requires_grad:
+                    setattr(m, name, value.detach())
+
+
 def traced_deq(deq, u):
     """The DEQ call as it is recorded in a trace (see module docstring)."""
+    _detach_torchdeq_norms(deq.cell)
     key = register_layer(deq)
     params = [p for _, p in deq.cell.named_parameters()]
     check_dtype(u, params)

@@ -39,8 +39,13 @@ def _inside(a, b, lo, hi):
     return bool((a >= lo).all() and (b <= hi).all())
 
 
-def _post_fixpoint(F, z_mid, opts):
+def _post_fixpoint(F, z_mid, opts, contain=None):
+    """F(B) for a box B with F(B) ⊆ B near the interval fixed point searched from z_mid; with
+    ``contain`` (a point (B, *state), the solver's start for the Picard containment), B itself,
+    which contains that point."""
     lo, hi, stats = search_box_fixed_point(F, z_mid, z_mid, opts)
+    if contain is not None:
+        lo, hi = torch.minimum(lo, contain), torch.maximum(hi, contain)
     view = (-1,) + (1,) * (z_mid.dim() - 1)
     scale = 1.0
     for attempt in range(opts.retries + 1):
@@ -57,8 +62,9 @@ def _post_fixpoint(F, z_mid, opts):
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 break
             if _inside(a, b, B_lo, B_hi):
-                return a, b, dict(search_iterations=stats.iterations, search_residual=stats.residual,
-                                  attempts=attempt + 1, box="interval-post-fixpoint")
+                info = dict(search_iterations=stats.iterations, search_residual=stats.residual,
+                            attempts=attempt + 1, box="interval-post-fixpoint")
+                return (B_lo, B_hi, info) if contain is not None else (a, b, info)
             B_lo, B_hi = torch.minimum(B_lo, a - pad), torch.maximum(B_hi, b + pad)
         scale *= 10
     raise IntervalProofError(f"no post-fixpoint of the generic cell's interval map found (search residual "
@@ -91,8 +97,17 @@ def prove_generic_box(bounder, z_mid, x_lo, x_hi, lipschitz, opts: IntervalOptio
             raise
         lo, hi = ball
         info = {"box": "contraction-ball", "interval_error": str(err)}
-    # the proved box is an inflated one (a pad around the interval fixed point); intersected steps
-    # shrink it back while they make progress (each keeps z* inside)
+    lo, hi = _tighten(F, lo, hi, opts)
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all() and (lo <= hi).all()):
+        raise IntervalProofError("the generic cell's box is not finite (NaN or inf in the cell's interval map); "
+                                 "no bound is returned")
+    return lo, hi, info
+
+
+def _tighten(F, lo, hi, opts):
+    """Intersected interval steps B <- F(B) ∩ B: each keeps every fixed point of the cell that lies in
+    B (z = cell(z, x) ∈ F(B)). The proved box is an inflated one (a pad around the interval fixed
+    point); these steps shrink it back while they make progress."""
     for step in range(max(opts.tighten_steps, opts.retry_iters)):
         a, b = F(lo, hi)
         new_lo, new_hi = torch.maximum(lo, a), torch.minimum(hi, b)
@@ -100,7 +115,34 @@ def prove_generic_box(bounder, z_mid, x_lo, x_hi, lipschitz, opts: IntervalOptio
         lo, hi = new_lo, new_hi
         if step + 1 >= opts.tighten_steps and gain <= 1e-3 * float((hi - lo).max()):
             break
+    return lo, hi
+
+
+@torch.no_grad()
+def prove_picard_box(bounder, z_mid, z_start, x_lo, x_hi, opts: IntervalOptions | None = None):
+    """A box of the PICARD LIMIT of a cell that need not be a contraction (lo, hi, info).
+
+    Lemma (invariant box). If B is a box with z_start ∈ B and F(B) ⊆ B, then for every x of the x box
+    every iterate of z_{k+1} = (1 - d) z_k + d cell(z_k, x), z_0 = z_start, 0 < d <= 1, lies in B
+    (induction: cell(z_k, x) ∈ F(B) ⊆ B and B is convex), hence so does their limit when it exists
+    (B is closed); that limit is a fixed point, so it also lies in every intersected refinement
+    F(B) ∩ B (``_tighten``). No uniqueness is needed, but the guarantee is about THIS solve: another
+    solver (Anderson, Broyden) or another start may reach a different fixed point outside B.
+
+    Returns the refined box and info with ``box='picard-invariant'`` and ``invariant_box`` (the box
+    B itself, which contains every iterate, converged or not). Raises IntervalProofError when no
+    invariant box is found (the interval map expands: e.g. a ReLU-affine cell with rho(|W|) >= 1)."""
+    opts = opts or IntervalOptions()
+    F = _interval_map(bounder, (x_lo, x_hi))
+    try:
+        lo, hi, info = _post_fixpoint(F, z_mid, opts, contain=z_start)
+    except IntervalProofError as err:
+        raise IntervalProofError(f"no invariant box of the Picard iteration found: {err}") from err
+    if not bool((lo <= z_start).all() and (z_start <= hi).all()):
+        raise IntervalProofError("the invariant box search lost the solver's start point")
+    invariant = (lo.clone(), hi.clone())
+    lo, hi = _tighten(F, lo, hi, opts)
     if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all() and (lo <= hi).all()):
-        raise IntervalProofError("the generic cell's box is not finite (NaN or inf in the cell's interval map); "
-                                 "no bound is returned")
+        raise IntervalProofError("the Picard invariant box is not finite; no bound is returned")
+    info = dict(info, box="picard-invariant", invariant_box=invariant)
     return lo, hi, info

@@ -50,7 +50,23 @@ SLACK = 1e-6  # relative margin for the float64 evaluation of the norms
 
 
 class ContractionError(ValueError):
-    """A generic cell's contraction in z cannot be established (or is violated)."""
+    """A generic cell's contraction in z cannot be established (or is violated). ``reason``: the short
+    cause (without the list of paths to take)."""
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
+
+
+def refusal_paths(cell) -> str:
+    """What a user whose cell is refused can do (docs/existing_deq.md), as one sentence list."""
+    return ("What to do (docs/existing_deq.md): (1) for a relu(W z + U x) DEQ, lirpa_deq.convert(model, ...) "
+            "moves its weights into IBP-MonDEQ cells (IBPMonLinear, well-posed by construction) with a short "
+            "certified fine-tune; (2) solve the layer by fixed-point iteration, DEQ(cell, "
+            "solver='fixed_point_iter'), to get bounds of its Picard limit when an invariant box exists; "
+            "(3) constrain the z-path weights (e.g. torch.nn.utils.parametrizations.spectral_norm and a scale "
+            "< 1: well-posed, but certified accuracy often collapses, prefer (1)), or declare a proved smaller "
+            "constant with lirpa_deq.nn.declare_contraction(cell, L).")
 
 
 def declare_contraction(cell, lipschitz: float):
@@ -221,13 +237,12 @@ def contraction_certificate(cell, bounder, z, x):
     except ContractionError as err:
         computed, why = None, str(err)
     if declared is None and computed is None:
-        raise ContractionError(f"cannot certify {type(cell).__name__}: {why}")
+        raise ContractionError(f"cannot certify {type(cell).__name__}: {why} {refusal_paths(cell)}", reason=why)
     candidates = [(v, s) for v, s in ((declared, "declared"), (computed, "computed")) if v is not None]
     value, source = min(candidates)
     if not value < 1:
+        reason = f"Lipschitz bound {value:.4g} >= 1 ({source})"
         raise ContractionError(
-            f"{type(cell).__name__} is not a proved contraction in z: Lipschitz bound {value:.4g} >= 1 "
-            f"({source}). The fixed point may not be unique, so no bound is returned. Fix: constrain the "
-            "z-path weights (e.g. torch.nn.utils.parametrizations.spectral_norm and a scale < 1), or "
-            "declare a proved smaller constant with lirpa_deq.nn.declare_contraction(cell, L).")
+            f"{type(cell).__name__} is not a proved contraction in z: {reason}. The fixed point may not be "
+            f"unique, so no bound is returned. {refusal_paths(cell)}", reason=reason)
     return value, source
