@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["README.md", "docs/getting_started.md", "docs/generic.md"]
+PAGES = ["README.md", "docs/getting_started.md", "docs/generic.md", "docs/existing_deq.md"]
 
 
 def python_blocks(path):
