@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .._compat import dense_coefficients
+from ..rounding import dot_error
 
 DEFAULT_MAX_ITER = 100
 DEFAULT_TOL = 1e-6
@@ -55,13 +56,30 @@ def _dot(a, b):
 
 class ReLUAffineRelaxation:
     """The relaxation of relu(W z + u): ``op`` the cell's WeightOperator, ``relax`` = (aL, aU, t)
-    each (B, *state) (from :func:`relu_relaxation`)."""
+    each (B, *state) (from :func:`relu_relaxation`).
+
+    Valid slopes (what the theorem needs, for s in the PROVED pre-activation box [l, h]): on
+    unstable neurons (l < 0 < h) the upper line is the chord (aU = h / (h - l), t = -l h / (h - l))
+    and the lower slope aL is ANY value in [0, 1] (aL s <= relu(s) for every s); on stable neurons
+    aL = aU = 1 (active) or 0 (inactive), t = 0. :meth:`with_lower_slopes` swaps in optimized
+    lower slopes (alpha-CROWN), clamped to [0, 1] and used on unstable neurons only."""
 
     def __init__(self, op, relax):
         self.op = op
         self.state = tuple(relax[0].shape[1:])
         batch = relax[0].shape[0]
         self.aL, self.aU, self.t = (r.reshape(batch, -1) for r in relax)
+        self.unstable = self.t > 0  # t = -l h / (h - l) > 0 exactly on unstable neurons
+
+    def with_lower_slopes(self, slopes):
+        """The same relaxation with lower slopes ``slopes`` ((spec, B, *state) or (B, *state)) on
+        the unstable neurons; the chord and the stable neurons are kept."""
+        new = object.__new__(ReLUAffineRelaxation)
+        new.op, new.state, new.aU, new.t, new.unstable = self.op, self.state, self.aU, self.t, self.unstable
+        lead = slopes.shape[:slopes.dim() - len(self.state)]
+        slopes = slopes.reshape(*lead, -1).to(self.aL.dtype).clamp(0, 1)
+        new.aL = torch.where(self.unstable, slopes, self.aL)
+        return new
 
     def apply(self, nu):
         spec, batch = nu.shape[:2]
@@ -77,9 +95,14 @@ class MatrixRelaxation:
     def __init__(self, lin):
         self.lin = lin
 
+    def with_lower_slopes(self, slopes):  # the nested module's slopes are not exposed (see docs/crown.md)
+        return self
+
     def apply(self, nu):
         lin = self.lin
-        pos, neg = nu.clamp(min=0), (-nu).clamp(min=0)
+        # (where, not clamp: at nu_i = 0 clamp would pass a gradient to both parts)
+        zero = torch.zeros((), dtype=nu.dtype, device=nu.device)
+        pos, neg = torch.where(nu >= 0, nu, zero), torch.where(nu < 0, -nu, zero)
         M = torch.einsum("sbi,bij->sbj", pos, lin["Lz"]) - torch.einsum("sbi,bij->sbj", neg, lin["Uz"])
         A = torch.einsum("sbi,bij->sbj", pos, lin["Lx"]) - torch.einsum("sbi,bij->sbj", neg, lin["Ux"])
         return A, M, _dot(pos, lin["bl"]) - _dot(neg, lin["bu"])
@@ -92,17 +115,18 @@ def _bias(const, r, box):
 
 def bound_at(nu, g, relaxation, box):
     """The theorem's bound for ONE fixed nu (spec, B, N): (A_in (spec, B, M), bias (spec, B)).
-    Differentiable in g, the relaxation and the box (nu is a constant: it was chosen without
-    gradients); used to give CROWN-IBP training gradients."""
+    Differentiable in nu, g, the relaxation and the box."""
     A, M, const = relaxation.apply(nu)
     return A, _bias(const, nu - g - M, box)
 
 
 @torch.no_grad()
-def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
+def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL, offset=None):
     """Sound lower bound g^T z* >= <A_in, u> + bias, the best of the adjoint iterates.
 
     g: (spec, B, N); box: (lo, hi) of z*, (B, N); in_box: (lo, hi) of u, (B, M) (to rank iterates).
+    offset: a coefficient (spec, B, M) that the caller adds to A_in (the ``+ u_i`` of a
+    pre-activation bound), so that iterates are ranked by the quantity that is concretized.
     Iterates nu <- g + M(nu) from nu = g; every iterate gives a sound bound (its r is the residual
     nu - nu_next), and per specification row the iterate with the best concrete value over in_box is
     kept, so a diverging iteration (rho(|W|) > 1) cannot end worse than its best iterate.
@@ -113,7 +137,8 @@ def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, to
         A, M, const = relaxation.apply(nu)
         nu_next = g + M
         bias = _bias(const, nu - nu_next, box)
-        return A, bias, bias + _dot(A, u_c) - _dot(A.abs(), u_r), nu_next
+        Ar = A if offset is None else A + offset
+        return A, bias, bias + _dot(Ar, u_c) - _dot(Ar.abs(), u_r), nu_next
 
     nu = g
     best_A, best_bias, best_value, nu_next = evaluate(nu)
@@ -134,6 +159,87 @@ def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, to
     return best_A, best_bias, iterations, best_nu
 
 
+# ---------------------------------------------------------------- concrete bounds of many specs
+SPEC_ELEMENTS = 1 << 22  # memory cap: specification rows x batch x state entries per adjoint solve
+
+
+@torch.no_grad()
+def concrete_bounds(G, G_u, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL,
+                    max_elements=SPEC_ELEMENTS, concretize=None):
+    """Proved lower and upper bounds of q = G z* + G_u u over every u of in_box, per row.
+
+    G: (K, B, N) rows on z*; G_u: (K, B, M) rows on u (or None); box, in_box: (lo, hi) flattened
+    (B, N) / (B, M). The adjoint theorem is applied to +G and -G (chunks of rows, at most
+    ``max_elements`` entries of K x B x N at a time), its linear function of u concretized over
+    in_box, and the result moved outward by the rounding error of that arithmetic
+    (lirpa_deq.rounding), so that a refined box built from it is still proved in floating point.
+    ``concretize(A (K, B, M)) -> (K, B) or None``: a tighter lower bound of <A, u> over the input
+    region (lirpa_deq.bounds.prefix); the larger of the two sound values is kept.
+    Returns (lower, upper), each (K, B)."""
+    K, B, N = G.shape
+    u_c, u_r = (in_box[1] + in_box[0]) / 2, (in_box[1] - in_box[0]) / 2
+    u_mag = torch.maximum(in_box[0].abs(), in_box[1].abs())
+    z_mag = torch.maximum(box[0].abs(), box[1].abs())
+    step = max(1, max_elements // max(1, 2 * B * max(N, u_c.shape[1])))
+    lowers, uppers = [], []
+    for start in range(0, K, step):
+        g = G[start:start + step]
+        k = g.shape[0]
+        gu = None if G_u is None else G_u[start:start + step]
+        both = torch.cat([g, -g])
+        off = None if gu is None else torch.cat([gu, -gu])
+        A, bias, _, nu = best_adjoint_bound(both, relaxation, box, in_box, max_iter, tol, offset=off)
+        if off is not None:
+            A = A + off
+        value = bias + _dot(A, u_c) - _dot(A.abs(), u_r)
+        through = concretize(A) if concretize is not None else None
+        if through is not None:
+            value = torch.maximum(value, bias + through.to(value.dtype))
+        # rounding: every product summed above is at most |A| |u| or |nu| |z| (+ the M(nu) products)
+        mag = _dot(A.abs(), u_mag) + 2 * _dot(nu.abs() + both.abs(), z_mag) + bias.abs()
+        value = value - dot_error(2 * (N + u_c.shape[1]), mag)
+        lowers.append(value[:k])
+        uppers.append(-value[k:])
+    return torch.cat(lowers), torch.cat(uppers)
+
+
+# ------------------------------------------------------------- exact gradients of the bound
+def implicit_adjoint(nu_star, g, relaxation, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
+    """nu_star (spec, B, N), found without gradients, as a differentiable function of g and the
+    relaxation: the value is nu_star exactly (so the bound keeps its sound value), the gradient is
+    the implicit-function one of the adjoint fixed point nu = g + M(nu; theta).
+
+    One differentiable step nu1 = g + M(nu_star; theta) carries d/dtheta; the gradient v reaching
+    it is replaced by w solving w = v + J^T w, J = dM/dnu at nu_star (M is linear in nu on the sign
+    pattern of nu_star: J^T w is one vector-Jacobian product), which is d nu*/d theta^T v by the
+    implicit function theorem. Iterated like the adjoint itself (a contraction where it is); a
+    non-converged w only makes the gradient approximate, never the bound unsound."""
+    if not torch.is_grad_enabled():
+        return nu_star
+    base = nu_star.detach()
+    nu1 = g + relaxation.apply(base)[1]
+    if not nu1.requires_grad:
+        return base
+    probe = base.clone().requires_grad_(True)
+    with torch.enable_grad():
+        m_probe = relaxation.apply(probe)[1]
+
+    def correct(v):
+        w = v
+        with torch.no_grad():
+            for _ in range(max_iter):
+                (jt,) = torch.autograd.grad(m_probe, probe, w, retain_graph=True)
+                w_next = v + jt
+                done = float((w_next - w).abs().max()) <= tol * (1 + float(w_next.abs().max()))
+                w = w_next
+                if done or not torch.isfinite(w).all():
+                    break
+        return torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
+
+    nu1.register_hook(correct)
+    return base + (nu1 - nu1.detach())
+
+
 def adjoint_lower(g, op, relax, box, u_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
     """:func:`best_adjoint_bound` for a ReLU-affine cell in state shape: g (spec, B, *state);
     relax = (aL, aU, t), box, u_box each (B, *state). Returns A_u (spec, B, *state), bias (spec, B),
@@ -146,41 +252,70 @@ def adjoint_lower(g, op, relax, box, u_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAU
     return A.view(g.shape), bias, iterations, nu.view(g.shape)
 
 
-def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_options):
+def _side_slopes(slopes, index, spec):
+    """The lower slopes of one side (0: lower bound, 1: upper bound) for ``spec`` rows, or None when
+    none are given or their specification dimension does not fit (then CROWN's adaptive slopes)."""
+    if slopes is None:
+        return None
+    side = slopes[index]
+    if side.shape[0] not in (1, spec):
+        return None
+    return side
+
+
+def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_options, slopes=None,
+                    concretize=None):
     """CROWN through a DEQ node for any cell family: (lA, uA, lbias, ubias), the coefficients on the
     node's input u (shape (spec, B, *u_state)) and the biases (spec, B).
 
-    cell_bounds: the node's CellBounds (its ``linear_relaxation``); last_lA / last_uA: auto_LiRPA's
-    coefficients on z* (Tensor, Patches or None); box: the proved box of z*; u_box: the checked box
-    of u; params:
-    name -> cell parameter. The relaxation is built once for both sides, and once more with
-    gradients when training differentiates the bound."""
+    cell_bounds: the node's CellBounds; last_lA / last_uA: auto_LiRPA's coefficients on z* (Tensor,
+    Patches or None); box: the proved box of z*; u_box: the checked box of u; params: name -> cell
+    parameter; slopes: None or optimizable lower slopes (2, spec, B, *state) (index 0 for the lower
+    bound, 1 for the upper one; lirpa_deq.bounds.slopes); concretize: (callable, region key) for
+    the refinement's rows over the input region, or None (lirpa_deq.bounds.prefix).
+
+    The relaxation is the family's, over the box and pre-activation bounds tightened by CROWN
+    (:meth:`CellBounds.refined`, computed once per input box and reused by every specification of
+    the call). The adjoint vector is solved without gradients; when the bound needs gradients it is
+    recomputed at the same nu, with nu differentiated implicitly through the adjoint fixed point
+    (:func:`implicit_adjoint`, ``crown_gradient='implicit'``, the default) or held constant
+    (``'fixed'``), and the box with the implicit gradient of the interval fixed point."""
     u_lo, u_hi = u_box
-    lo, hi = box
-    batch, in_state = lo.shape[0], u_lo.shape[1:]
+    batch, in_state = box[0].shape[0], u_lo.shape[1:]
     flat = lambda t: t.detach().reshape(batch, -1)  # noqa: E731
-    box, in_box = (flat(lo), flat(hi)), (flat(u_lo), flat(u_hi))
     max_iter = int(adjoint_options.get("adjoint_max_iter", DEFAULT_MAX_ITER))
     tol = float(adjoint_options.get("adjoint_tol", DEFAULT_TOL))
-    relaxation = cell_bounds.linear_relaxation((lo, hi), (u_lo.detach(), u_hi.detach()), params, grad=False)
+    implicit = adjoint_options.get("crown_gradient", "implicit") == "implicit"
+    state = cell_bounds.refined(box, (u_lo.detach(), u_hi.detach()), params, concretize)
+    lo, hi = state.box
+    zbox, in_box = (flat(lo), flat(hi)), (flat(u_lo), flat(u_hi))
+    relaxation = cell_bounds.linear_relaxation(state, (u_lo.detach(), u_hi.detach()), params, grad=False)
     differentiable = []
 
-    def one_side(last_A, sign):
+    def one_side(last_A, sign, index):
         if last_A is None:
             return None, 0
         g = sign * dense_coefficients(last_A, lo.shape).to(lo.dtype)  # 0.3's default C is float32
         spec = g.shape[0]
         g = g.reshape(spec, batch, -1)
-        A, bias, _, nu = best_adjoint_bound(g.detach(), relaxation, box, in_box, max_iter=max_iter, tol=tol)
-        if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
-                                           for v in (g, u_lo, u_hi, *params.values())):
-            # the same bound, recomputed with gradients to g, the cell weights and the u bounds
+        side = _side_slopes(slopes, index, spec)
+        rel = relaxation if side is None else relaxation.with_lower_slopes(side.detach())
+        A, bias, _, nu = best_adjoint_bound(g.detach(), rel, zbox, in_box, max_iter=max_iter, tol=tol)
+        needs = (g, u_lo, u_hi, *params.values()) + (() if side is None else (side,))
+        if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in needs):
+            # the same bound, recomputed with gradients to g, the slopes, the cell weights, the u bounds
             if not differentiable:
-                differentiable.append(cell_bounds.linear_relaxation((lo, hi), (u_lo, u_hi), params, grad=True)
+                state_d = state.with_box(cell_bounds.differentiable_box(state, (u_lo, u_hi), params)) \
+                    if implicit else state
+                differentiable.append(cell_bounds.linear_relaxation(state_d, (u_lo, u_hi), params, grad=True)
                                       if cell_bounds.differentiable_relaxation else relaxation)
-            A, bias = bound_at(nu, g, differentiable[0], box)
+                differentiable.append(tuple(t.reshape(batch, -1) for t in state_d.box))
+            rel_d = differentiable[0] if side is None else differentiable[0].with_lower_slopes(side)
+            box_d = differentiable[1]
+            nu_d = implicit_adjoint(nu, g, rel_d, max_iter=max_iter, tol=tol) if implicit else nu
+            A, bias = bound_at(nu_d, g, rel_d, box_d)
         return sign * A.reshape(spec, batch, *in_state), sign * bias
 
-    lA, lbias = one_side(last_lA, 1.0)
-    uA, ubias = one_side(last_uA, -1.0)
+    lA, lbias = one_side(last_lA, 1.0, 0)
+    uA, ubias = one_side(last_uA, -1.0, 1)
     return lA, uA, lbias, ubias
