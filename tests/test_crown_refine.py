@@ -86,7 +86,7 @@ def test_refinement_of_a_generic_cell_tightens_its_box_and_stays_sound():
 
 
 @pytest.mark.parametrize("key,value", [("crown_refine", -1), ("refine_max_rows", 0), ("refine_tol", 2.0),
-                                       ("crown_gradient", "exact")])
+                                       ("crown_gradient", "implicit")])
 def test_bad_refinement_options_are_refused(key, value):
     model, x = fc_model(0), torch.rand(1, 1, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=key):

@@ -121,7 +121,8 @@ def bound_at(nu, g, relaxation, box):
 
 
 @torch.no_grad()
-def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL, offset=None):
+def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL, offset=None,
+                       record=None):
     """Sound lower bound g^T z* >= <A_in, u> + bias, the best of the adjoint iterates.
 
     g: (spec, B, N); box: (lo, hi) of z*, (B, N); in_box: (lo, hi) of u, (B, M) (to rank iterates).
@@ -129,7 +130,10 @@ def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, to
     pre-activation bound), so that iterates are ranked by the quantity that is concretized.
     Iterates nu <- g + M(nu) from nu = g; every iterate gives a sound bound (its r is the residual
     nu - nu_next), and per specification row the iterate with the best concrete value over in_box is
-    kept, so a diverging iteration (rho(|W|) > 1) cannot end worse than its best iterate.
+    kept, so a diverging iteration (rho(|W|) > 1) cannot end worse than its best iterate (nor can a
+    converging one: the fixed point is not always the best nu, and an earlier iterate may win).
+    record: a dict that receives ``pick`` (spec, B), the index k of the chosen iterate
+    nu_k = (g + M)^k (g), ``last`` (the index of the last iterate) and ``converged``.
     Returns A_in (spec, B, M), bias (spec, B), the number of iterations, and the chosen nu."""
     u_c, u_r = (in_box[1] + in_box[0]) / 2, (in_box[1] - in_box[0]) / 2
 
@@ -143,10 +147,12 @@ def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, to
     nu = g
     best_A, best_bias, best_value, nu_next = evaluate(nu)
     best_nu = nu
-    iterations = 1
+    pick = torch.zeros(best_value.shape, dtype=torch.long, device=g.device)
+    iterations, converged = 1, False
     while iterations <= max_iter:
         change = float((nu_next - nu).abs().max()) if nu.numel() else 0.0
-        if change <= tol * (1 + float(nu_next.abs().max())) or not torch.isfinite(nu_next).all():
+        converged = change <= tol * (1 + float(nu_next.abs().max()))
+        if converged or not torch.isfinite(nu_next).all():
             break
         nu = nu_next
         A, bias, value, nu_next = evaluate(nu)
@@ -156,6 +162,9 @@ def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, to
         best_nu = torch.where(better.unsqueeze(-1), nu, best_nu)
         best_bias = torch.where(better, bias, best_bias)
         best_value = torch.where(better, value, best_value)
+        pick = torch.where(better, iterations - 1, pick)
+    if record is not None:
+        record.update(pick=pick, last=iterations - 1, converged=bool(converged))
     return best_A, best_bias, iterations, best_nu
 
 
@@ -240,6 +249,28 @@ def implicit_adjoint(nu_star, g, relaxation, max_iter=DEFAULT_MAX_ITER, tol=DEFA
     return base + (nu1 - nu1.detach())
 
 
+def replay_adjoint(nu_star, g, relaxation, pick):
+    """nu_star (spec, B, N), the iterate nu_k = (g + M)^k (g) with k = pick (spec, B) per row, as a
+    differentiable function of g and the relaxation: the k steps are recomputed with autograd (rows
+    stop at their own k), so the gradient is exactly that of the chosen iterate; the value is
+    nu_star itself. Memory: one step's graph per iteration up to max(pick)."""
+    if not torch.is_grad_enabled():
+        return nu_star
+    nu = g
+    for step in range(1, int(pick.max()) + 1 if pick.numel() else 1):
+        nu = torch.where((pick >= step).unsqueeze(-1), g + relaxation.apply(nu)[1], nu)
+    return nu_star.detach() + (nu - nu.detach())
+
+
+def exact_adjoint(nu_star, g, relaxation, record, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
+    """The chosen nu with the exact gradient of the chosen iterate: implicit differentiation through
+    the adjoint fixed point when every row chose the last iterate of a converged iteration
+    (:func:`implicit_adjoint`), otherwise the unrolled iterations (:func:`replay_adjoint`)."""
+    if record.get("converged") and bool((record["pick"] == record["last"]).all()):
+        return implicit_adjoint(nu_star, g, relaxation, max_iter=max_iter, tol=tol)
+    return replay_adjoint(nu_star, g, relaxation, record["pick"])
+
+
 def adjoint_lower(g, op, relax, box, u_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
     """:func:`best_adjoint_bound` for a ReLU-affine cell in state shape: g (spec, B, *state);
     relax = (aL, aU, t), box, u_box each (B, *state). Returns A_u (spec, B, *state), bias (spec, B),
@@ -277,15 +308,16 @@ def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_o
     The relaxation is the family's, over the box and pre-activation bounds tightened by CROWN
     (:meth:`CellBounds.refined`, computed once per input box and reused by every specification of
     the call). The adjoint vector is solved without gradients; when the bound needs gradients it is
-    recomputed at the same nu, with nu differentiated implicitly through the adjoint fixed point
-    (:func:`implicit_adjoint`, ``crown_gradient='implicit'``, the default) or held constant
-    (``'fixed'``), and the box with the implicit gradient of the interval fixed point."""
+    recomputed at the same nu (the same sound value), with ``crown_gradient='exact'`` (the default)
+    nu differentiated as the iterate it is (:func:`exact_adjoint`: implicitly through the adjoint
+    fixed point, or through the unrolled iterations) and the box with the implicit gradient of the
+    interval fixed point; with ``'fixed'`` nu and the box are held constant."""
     u_lo, u_hi = u_box
     batch, in_state = box[0].shape[0], u_lo.shape[1:]
     flat = lambda t: t.detach().reshape(batch, -1)  # noqa: E731
     max_iter = int(adjoint_options.get("adjoint_max_iter", DEFAULT_MAX_ITER))
     tol = float(adjoint_options.get("adjoint_tol", DEFAULT_TOL))
-    implicit = adjoint_options.get("crown_gradient", "implicit") == "implicit"
+    exact = adjoint_options.get("crown_gradient", "exact") == "exact"
     state = cell_bounds.refined(box, (u_lo.detach(), u_hi.detach()), params, concretize)
     lo, hi = state.box
     zbox, in_box = (flat(lo), flat(hi)), (flat(u_lo), flat(u_hi))
@@ -300,19 +332,20 @@ def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_o
         g = g.reshape(spec, batch, -1)
         side = _side_slopes(slopes, index, spec)
         rel = relaxation if side is None else relaxation.with_lower_slopes(side.detach())
-        A, bias, _, nu = best_adjoint_bound(g.detach(), rel, zbox, in_box, max_iter=max_iter, tol=tol)
+        record = {}
+        A, bias, _, nu = best_adjoint_bound(g.detach(), rel, zbox, in_box, max_iter=max_iter, tol=tol, record=record)
         needs = (g, u_lo, u_hi, *params.values()) + (() if side is None else (side,))
         if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in needs):
             # the same bound, recomputed with gradients to g, the slopes, the cell weights, the u bounds
             if not differentiable:
                 state_d = state.with_box(cell_bounds.differentiable_box(state, (u_lo, u_hi), params)) \
-                    if implicit else state
+                    if exact else state
                 differentiable.append(cell_bounds.linear_relaxation(state_d, (u_lo, u_hi), params, grad=True)
                                       if cell_bounds.differentiable_relaxation else relaxation)
                 differentiable.append(tuple(t.reshape(batch, -1) for t in state_d.box))
             rel_d = differentiable[0] if side is None else differentiable[0].with_lower_slopes(side)
             box_d = differentiable[1]
-            nu_d = implicit_adjoint(nu, g, rel_d, max_iter=max_iter, tol=tol) if implicit else nu
+            nu_d = exact_adjoint(nu, g, rel_d, record, max_iter=max_iter, tol=tol) if exact else nu
             A, bias = bound_at(nu_d, g, rel_d, box_d)
         return sign * A.reshape(spec, batch, *in_state), sign * bias
 

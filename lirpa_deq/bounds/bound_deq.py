@@ -15,7 +15,7 @@ Output: z*(u), the DEQ's fixed point.
 Options: ``BoundedModule(..., bound_opts={'deq': {...}})`` with keys of
 :class:`IntervalOptions` (interval search / proof) and ``adjoint_max_iter``, ``adjoint_tol``,
 ``crown_refine`` (refinement rounds, 0: the interval box's relaxation), ``refine_tol``,
-``refine_max_rows``, ``crown_gradient`` ('implicit' or 'fixed'); docs/crown.md.
+``refine_max_rows``, ``crown_gradient`` ('exact' or 'fixed'); docs/crown.md.
 """
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ def deq_options(options):
     rtol = adjoint.get("refine_tol", 0.0)
     if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 <= rtol <= 1:
         raise ValueError(f"bound_opts['deq']['refine_tol'] must be a real number in [0, 1], got {rtol!r}")
-    if adjoint.get("crown_gradient", "implicit") not in ("implicit", "fixed"):
-        raise ValueError("bound_opts['deq']['crown_gradient'] must be 'implicit' (exact gradients through the "
-                         f"adjoint fixed point and the box) or 'fixed', got {adjoint['crown_gradient']!r}")
+    if adjoint.get("crown_gradient", "exact") not in ("exact", "fixed"):
+        raise ValueError("bound_opts['deq']['crown_gradient'] must be 'exact' (gradients through the adjoint "
+                         f"solve and the box) or 'fixed' (both held constant), got {adjoint['crown_gradient']!r}")
     return interval, adjoint
 
 

@@ -92,9 +92,11 @@ class ReLUAffineBounds(CellBounds):
         op = self.operator(params, u_box[0].shape[1:], grad=grad)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             l, h = preactivation_box(op, lo, hi, *u_box)
-            if state.pre is not None:  # the refined bounds (constants) where they are tighter
-                l, h = torch.maximum(l, state.pre[0]), torch.minimum(h, state.pre[1])
-                h = torch.maximum(h, l)  # (only rounding could cross them; both are proved)
+            if state.pre is not None:  # the refined bounds (constants) where STRICTLY tighter (at a tie
+                # torch.maximum would split the gradient between the two)
+                l = torch.where(state.pre[0] > l, state.pre[0].to(l.dtype), l)
+                h = torch.where(state.pre[1] < h, state.pre[1].to(h.dtype), h)
+                h = torch.where(h < l, l, h)  # (only rounding could cross them; both are proved)
             relax = relu_relaxation(l, h)
         self.last_lower_slopes = relax[0].detach()
         return ReLUAffineRelaxation(op, relax)
