@@ -30,7 +30,6 @@ from __future__ import annotations
 import torch
 
 from .._compat import dense_coefficients
-from ..rounding import dot_error
 
 DEFAULT_MAX_ITER = 100
 DEFAULT_TOL = 1e-6
@@ -168,50 +167,6 @@ def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, to
     return best_A, best_bias, iterations, best_nu
 
 
-# ---------------------------------------------------------------- concrete bounds of many specs
-SPEC_ELEMENTS = 1 << 22  # memory cap: specification rows x batch x state entries per adjoint solve
-
-
-@torch.no_grad()
-def concrete_bounds(G, G_u, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL,
-                    max_elements=SPEC_ELEMENTS, concretize=None):
-    """Proved lower and upper bounds of q = G z* + G_u u over every u of in_box, per row.
-
-    G: (K, B, N) rows on z*; G_u: (K, B, M) rows on u (or None); box, in_box: (lo, hi) flattened
-    (B, N) / (B, M). The adjoint theorem is applied to +G and -G (chunks of rows, at most
-    ``max_elements`` entries of K x B x N at a time), its linear function of u concretized over
-    in_box, and the result moved outward by the rounding error of that arithmetic
-    (lirpa_deq.rounding), so that a refined box built from it is still proved in floating point.
-    ``concretize(A (K, B, M)) -> (K, B) or None``: a tighter lower bound of <A, u> over the input
-    region (lirpa_deq.bounds.prefix); the larger of the two sound values is kept.
-    Returns (lower, upper), each (K, B)."""
-    K, B, N = G.shape
-    u_c, u_r = (in_box[1] + in_box[0]) / 2, (in_box[1] - in_box[0]) / 2
-    u_mag = torch.maximum(in_box[0].abs(), in_box[1].abs())
-    z_mag = torch.maximum(box[0].abs(), box[1].abs())
-    step = max(1, max_elements // max(1, 2 * B * max(N, u_c.shape[1])))
-    lowers, uppers = [], []
-    for start in range(0, K, step):
-        g = G[start:start + step]
-        k = g.shape[0]
-        gu = None if G_u is None else G_u[start:start + step]
-        both = torch.cat([g, -g])
-        off = None if gu is None else torch.cat([gu, -gu])
-        A, bias, _, nu = best_adjoint_bound(both, relaxation, box, in_box, max_iter, tol, offset=off)
-        if off is not None:
-            A = A + off
-        value = bias + _dot(A, u_c) - _dot(A.abs(), u_r)
-        through = concretize(A) if concretize is not None else None
-        if through is not None:
-            value = torch.maximum(value, bias + through.to(value.dtype))
-        # rounding: every product summed above is at most |A| |u| or |nu| |z| (+ the M(nu) products)
-        mag = _dot(A.abs(), u_mag) + 2 * _dot(nu.abs() + both.abs(), z_mag) + bias.abs()
-        value = value - dot_error(2 * (N + u_c.shape[1]), mag)
-        lowers.append(value[:k])
-        uppers.append(-value[k:])
-    return torch.cat(lowers), torch.cat(uppers)
-
-
 # ------------------------------------------------------------- exact gradients of the bound
 def implicit_adjoint(nu_star, g, relaxation, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
     """nu_star (spec, B, N), found without gradients, as a differentiable function of g and the
@@ -283,15 +238,17 @@ def adjoint_lower(g, op, relax, box, u_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAU
     return A.view(g.shape), bias, iterations, nu.view(g.shape)
 
 
-def _side_slopes(slopes, index, spec):
-    """The lower slopes of one side (0: lower bound, 1: upper bound) for ``spec`` rows, or None when
-    none are given or their specification dimension does not fit (then CROWN's adaptive slopes)."""
-    if slopes is None:
+NU_STEP = 0.002  # a unit of an optimized adjoint shift moves nu by 0.2% of the row's largest |nu|
+
+
+def _side(param, index, spec):
+    """One side (0: lower bound, 1: upper bound) of an optimizable (2, spec, B, *state) tensor for
+    ``spec`` rows, or None when none is given or its specification dimension does not fit (then
+    CROWN's adaptive slopes / the adjoint iterate itself are used: sound either way)."""
+    if param is None:
         return None
-    side = slopes[index]
-    if side.shape[0] not in (1, spec):
-        return None
-    return side
+    side = param[index]
+    return side if side.shape[0] in (1, spec) else None
 
 
 def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_options, slopes=None,
@@ -301,8 +258,10 @@ def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_o
 
     cell_bounds: the node's CellBounds; last_lA / last_uA: auto_LiRPA's coefficients on z* (Tensor,
     Patches or None); box: the proved box of z*; u_box: the checked box of u; params: name -> cell
-    parameter; slopes: None or optimizable lower slopes (2, spec, B, *state) (index 0 for the lower
-    bound, 1 for the upper one; lirpa_deq.bounds.slopes); concretize: (callable, region key) for
+    parameter; slopes: None or (alpha, shift): optimizable lower slopes and adjoint shifts, each None
+    or (2, spec, B, *state) (index 0 for the lower bound, 1 for the upper one;
+    lirpa_deq.bounds.slopes): the bound is taken at nu + NU_STEP max|nu| shift, sound for every
+    shift because the theorem holds for every nu; concretize: (callable, region key) for
     the refinement's rows over the input region, or None (lirpa_deq.bounds.prefix).
 
     The relaxation is the family's, over the box and pre-activation bounds tightened by CROWN
@@ -330,11 +289,17 @@ def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_o
         g = sign * dense_coefficients(last_A, lo.shape).to(lo.dtype)  # 0.3's default C is float32
         spec = g.shape[0]
         g = g.reshape(spec, batch, -1)
-        side = _side_slopes(slopes, index, spec)
+        side = _side(slopes[0], index, spec) if slopes is not None else None
+        shift = _side(slopes[1], index, spec) if slopes is not None else None
         rel = relaxation if side is None else relaxation.with_lower_slopes(side.detach())
         record = {}
         A, bias, _, nu = best_adjoint_bound(g.detach(), rel, zbox, in_box, max_iter=max_iter, tol=tol, record=record)
-        needs = (g, u_lo, u_hi, *params.values()) + (() if side is None else (side,))
+        if shift is not None:
+            step = NU_STEP * nu.abs().amax(-1, keepdim=True)
+            shift = shift.reshape(shift.shape[0], batch, -1).to(nu.dtype)
+            with torch.no_grad():
+                A, bias = bound_at(nu + step * shift, g.detach(), rel, zbox)
+        needs = (g, u_lo, u_hi, *params.values()) + tuple(t for t in (side, shift) if t is not None)
         if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in needs):
             # the same bound, recomputed with gradients to g, the slopes, the cell weights, the u bounds
             if not differentiable:
@@ -346,6 +311,8 @@ def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_o
             rel_d = differentiable[0] if side is None else differentiable[0].with_lower_slopes(side)
             box_d = differentiable[1]
             nu_d = exact_adjoint(nu, g, rel_d, record, max_iter=max_iter, tol=tol) if exact else nu
+            if shift is not None:
+                nu_d = nu_d + step * shift
             A, bias = bound_at(nu_d, g, rel_d, box_d)
         return sign * A.reshape(spec, batch, *in_state), sign * bias
 

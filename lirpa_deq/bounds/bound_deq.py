@@ -36,7 +36,8 @@ from .node import lookup_layer, parameter_names
 from .prefix import affine_prefix, concretize_lower
 from .slopes import OptimizableSlopes
 
-ADJOINT_KEYS = ("adjoint_max_iter", "adjoint_tol", "crown_refine", "refine_tol", "refine_max_rows", "crown_gradient")
+ADJOINT_KEYS = ("adjoint_max_iter", "adjoint_tol", "crown_refine", "refine_tol", "refine_max_rows", "crown_gradient",
+                "optimize_adjoint", "refine_opt_steps")
 
 
 def deq_options(options):
@@ -54,10 +55,12 @@ def deq_options(options):
         raise ValueError(f"bound_opts['deq']['adjoint_max_iter'] must be an integer >= 1, got {max_iter!r}")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
         raise ValueError(f"bound_opts['deq']['adjoint_tol'] must be a finite real number >= 0, got {tol!r}")
-    for name, least in (("crown_refine", 0), ("refine_max_rows", 1)):
+    for name, least in (("crown_refine", 0), ("refine_max_rows", 1), ("refine_opt_steps", 0)):
         value = adjoint.get(name, least)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ValueError(f"bound_opts['deq'][{name!r}] must be an integer >= {least}, got {value!r}")
+    if not isinstance(adjoint.get("optimize_adjoint", True), bool):
+        raise TypeError(f"bound_opts['deq']['optimize_adjoint'] must be True or False, got {adjoint['optimize_adjoint']!r}")
     rtol = adjoint.get("refine_tol", 0.0)
     if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 <= rtol <= 1:
         raise ValueError(f"bound_opts['deq']['refine_tol'] must be a real number in [0, 1], got {rtol!r}")

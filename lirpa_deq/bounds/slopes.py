@@ -15,6 +15,12 @@ bound; alpha is clamped to [0, 1] where it is used as well as by ``clip_alpha_``
 D_nu only where nu_i >= 0 (where nu_i < 0 the chord is used), and the bound's gradient in alpha is
 exact through the adjoint fixed point (lirpa_deq.bounds.adjoint.implicit_adjoint).
 
+The adjoint vector itself is optimizable too (``optimize_adjoint``, default False: on the measured models it did not beat the slopes alone): the theorem
+holds for EVERY nu, and its fixed point is not always the best one, so ``alpha[start +
+'/adjoint-shift']`` (same shape, starting at 0, not clipped) moves the bound's nu away from the
+adjoint iterate by ``NU_STEP * max|nu|`` per unit (lirpa_deq.bounds.adjoint); gradients in the
+slopes and the shift are exact (the slopes' through the adjoint iterate).
+
 Families without optimizable slopes (``CellBounds.slope_shape`` None: generic cells, whose nested
 auto_LiRPA relaxation is a constant here) create no alpha; auto_LiRPA then optimizes the layers
 around the DEQ only.
@@ -24,7 +30,11 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import torch
+
 from .._compat import start_node_entry
+
+SHIFT = "/adjoint-shift"  # key suffix of the optimizable adjoint shift next to a start node's slopes
 
 
 class OptimizableSlopes:
@@ -47,10 +57,13 @@ class OptimizableSlopes:
             spec = size if isinstance(size, int) else math.prod(size)
             alpha = start.detach().unsqueeze(0).unsqueeze(0).repeat(2, int(spec), *[1] * start.dim()).clone()
             self.alpha[name] = alpha.requires_grad_(True)
+            if self.adjoint_options.get("optimize_adjoint", False):
+                self.alpha[name + SHIFT] = torch.zeros_like(alpha).requires_grad_(True)
 
     def clip_alpha_(self):
-        for value in self.alpha.values():
-            value.data = value.data.clamp(0.0, 1.0)
+        for key, value in self.alpha.items():
+            if not key.endswith(SHIFT):  # slopes live in [0, 1]; adjoint shifts are free
+                value.data = value.data.clamp(0.0, 1.0)
 
     def dump_optimized_params(self):
         return self.alpha
@@ -59,13 +72,18 @@ class OptimizableSlopes:
         self.alpha = alpha
 
     def slopes_for(self, start_node):
-        """The alpha of ``start_node`` while auto_LiRPA optimizes or reuses slopes, else None."""
+        """(slopes, shift) of ``start_node`` while auto_LiRPA optimizes or reuses them (each None
+        where absent or built for another batch / state shape: CROWN's own, sound), else None."""
         if getattr(self, "opt_stage", None) not in ("opt", "reuse") or start_node is None:
             return None
-        alpha = self.alpha.get(getattr(start_node, "name", None))
+        name = getattr(start_node, "name", None)
         box = self.cell_bounds.last_box
-        if alpha is None or box is None or tuple(alpha.shape[3:]) != tuple(box[0].shape[1:]) \
-                or alpha.shape[2] != box[0].shape[0]:
-            return None  # built for another batch or state shape: CROWN's slopes (sound)
-        return alpha
+
+        def fitting(value):
+            if value is None or box is None or tuple(value.shape[3:]) != tuple(box[0].shape[1:]) \
+                    or value.shape[2] != box[0].shape[0]:
+                return None
+            return value
+        pair = fitting(self.alpha.get(name)), fitting(self.alpha.get(f"{name}{SHIFT}"))
+        return None if pair == (None, None) else pair
 
