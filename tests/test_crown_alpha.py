@@ -58,9 +58,7 @@ def test_any_slopes_in_the_unit_interval_give_sound_bounds():
         for value in node.alpha.values():
             value.data = {"zeros": torch.zeros_like(value), "ones": torch.ones_like(value),
                           "random": torch.rand(value.shape, generator=gen)}[fill]
-        node.opt_reuse()
-        lb, ub = (t.detach() for t in bm.compute_bounds(x=(bx,), method="CROWN"))
-        node.opt_no_reuse()
+        lb, ub = (t.detach() for t in bm.compute_bounds(x=(bx,), method="CROWN", reuse_alpha=True))
         assert_sound(model, x, eps, lb, ub, atol=1e-4, n_samples=100, pgd_steps=15)
         widths.append(float((ub - lb).mean()))
     assert max(widths) - min(widths) > 1e-4, widths  # the slopes were used
