@@ -95,7 +95,7 @@ SHIM_PROBES = {
     "symbolic_registration": "pad",
     "named_members_remove_duplicate": "parameters",
     "add_sub_patches_mode": "relu_affine_crown",
-    "dense_intermediate_specs": "relu_affine_sound",
+    "dense_specs_on_add_nodes": "relu_affine_sound",
     "maxpool_alpha_spec": "maxpool_alpha",
     "avgpool_view": "avgpool4",
     "sigmoid_table_dtype": "tanh_float64",
