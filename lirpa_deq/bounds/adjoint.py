@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .._compat import dense_coefficients
+from .spec_batching import DEFAULT_MAX_ELEMENTS, chunked_adjoint_bound
 
 DEFAULT_MAX_ITER = 100
 DEFAULT_TOL = 1e-6
@@ -98,40 +99,19 @@ def bound_at(nu, g, relaxation, box):
     return A, _bias(const, nu - g - M, box)
 
 
-@torch.no_grad()
-def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
+def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL, offset=None,
+                       max_elements=DEFAULT_MAX_ELEMENTS):
     """Sound lower bound g^T z* >= <A_in, u> + bias, the best of the adjoint iterates.
 
     g: (spec, B, N); box: (lo, hi) of z*, (B, N); in_box: (lo, hi) of u, (B, M) (to rank iterates).
     Iterates nu <- g + M(nu) from nu = g; every iterate gives a sound bound (its r is the residual
     nu - nu_next), and per specification row the iterate with the best concrete value over in_box is
-    kept, so a diverging iteration (rho(|W|) > 1) cannot end worse than its best iterate.
+    kept, so a diverging iteration (rho(|W|) > 1) cannot end worse than its best iterate. Rows go
+    through in chunks of at most ``max_elements`` entries and each row stops at its own tolerance
+    (lirpa_deq.bounds.spec_batching); ``offset`` (spec, B, M) is added to A_in for the ranking only.
     Returns A_in (spec, B, M), bias (spec, B), the number of iterations, and the chosen nu."""
-    u_c, u_r = (in_box[1] + in_box[0]) / 2, (in_box[1] - in_box[0]) / 2
-
-    def evaluate(nu):
-        A, M, const = relaxation.apply(nu)
-        nu_next = g + M
-        bias = _bias(const, nu - nu_next, box)
-        return A, bias, bias + _dot(A, u_c) - _dot(A.abs(), u_r), nu_next
-
-    nu = g
-    best_A, best_bias, best_value, nu_next = evaluate(nu)
-    best_nu = nu
-    iterations = 1
-    while iterations <= max_iter:
-        change = float((nu_next - nu).abs().max()) if nu.numel() else 0.0
-        if change <= tol * (1 + float(nu_next.abs().max())) or not torch.isfinite(nu_next).all():
-            break
-        nu = nu_next
-        A, bias, value, nu_next = evaluate(nu)
-        iterations += 1
-        better = value > best_value
-        best_A = torch.where(better.unsqueeze(-1), A, best_A)
-        best_nu = torch.where(better.unsqueeze(-1), nu, best_nu)
-        best_bias = torch.where(better, bias, best_bias)
-        best_value = torch.where(better, value, best_value)
-    return best_A, best_bias, iterations, best_nu
+    return chunked_adjoint_bound(g, relaxation, box, in_box, max_iter, tol, offset=offset,
+                                 max_elements=max_elements)
 
 
 def adjoint_lower(g, op, relax, box, u_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL):
@@ -162,6 +142,7 @@ def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_o
     box, in_box = (flat(lo), flat(hi)), (flat(u_lo), flat(u_hi))
     max_iter = int(adjoint_options.get("adjoint_max_iter", DEFAULT_MAX_ITER))
     tol = float(adjoint_options.get("adjoint_tol", DEFAULT_TOL))
+    max_elements = int(adjoint_options.get("adjoint_max_elements", DEFAULT_MAX_ELEMENTS))
     relaxation = cell_bounds.linear_relaxation((lo, hi), (u_lo.detach(), u_hi.detach()), params, grad=False)
     differentiable = []
 
@@ -171,7 +152,8 @@ def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_o
         g = sign * dense_coefficients(last_A, lo.shape).to(lo.dtype)  # 0.3's default C is float32
         spec = g.shape[0]
         g = g.reshape(spec, batch, -1)
-        A, bias, _, nu = best_adjoint_bound(g.detach(), relaxation, box, in_box, max_iter=max_iter, tol=tol)
+        A, bias, _, nu = best_adjoint_bound(g.detach(), relaxation, box, in_box, max_iter=max_iter, tol=tol,
+                                            max_elements=max_elements)
         if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
                                            for v in (g, u_lo, u_hi, *params.values())):
             # the same bound, recomputed with gradients to g, the cell weights and the u bounds

@@ -9,7 +9,8 @@ Output: z*(u), the DEQ's fixed point.
 * ``bound_backward``: linear (CROWN) bounds through the adjoint DEQ (lirpa_deq.bounds.adjoint).
 
 Options: ``BoundedModule(..., bound_opts={'deq': {...}})`` with keys of
-:class:`IntervalOptions` (interval search / proof) and ``adjoint_max_iter``, ``adjoint_tol``.
+:class:`IntervalOptions` (interval search / proof) and ``adjoint_max_iter``, ``adjoint_tol``,
+``adjoint_max_elements`` (memory cap of one chunk of specification rows, lirpa_deq.bounds.spec_batching).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .injection import check_dtype, checked_box, injection_box
 from .interval import IntervalOptions, IntervalProofError
 from .node import lookup_layer, parameter_names
 
-ADJOINT_KEYS = ("adjoint_max_iter", "adjoint_tol")
+ADJOINT_KEYS = ("adjoint_max_iter", "adjoint_tol", "adjoint_max_elements")
 
 
 def deq_options(options):
@@ -46,6 +47,10 @@ def deq_options(options):
         raise ValueError(f"bound_opts['deq']['adjoint_max_iter'] must be an integer >= 1, got {max_iter!r}")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
         raise ValueError(f"bound_opts['deq']['adjoint_tol'] must be a finite real number >= 0, got {tol!r}")
+    cap = adjoint.get("adjoint_max_elements", 1)
+    if isinstance(cap, bool) or not isinstance(cap, numbers.Integral) or cap < 1:
+        raise ValueError("bound_opts['deq']['adjoint_max_elements'] (entries of specification rows x batch x "
+                         f"state per adjoint chunk) must be an integer >= 1, got {cap!r}")
     return interval, adjoint
 
 
