@@ -57,7 +57,8 @@ class _Evaluator:
         value = bias + _dot(ranked, self.u_c) - _dot(ranked.abs(), self.u_r)
         # per row: change below tol relative to the row's size, or a non-finite next iterate (amax
         # propagates NaN, and inf - inf in r is NaN)
-        change, scale = r_abs.flatten(1).amax(1), nu_next.abs().flatten(1).amax(1)
+        flat = nu_next.flatten(1)
+        change, scale = r_abs.flatten(1).amax(1), torch.maximum(flat.amax(1), -flat.amin(1))
         done = (change <= self.tol * (1 + scale)) | ~torch.isfinite(scale) | ~torch.isfinite(change)
         return A, bias, value, nu_next, done
 
@@ -81,6 +82,12 @@ def _iterate_chunk(g, evaluate, max_iter, offset):
         A, bias, value, nu_next, done = evaluate(nu, g_act, off_act)
         iterations += 1
         better = value > best_value[active]
+        if bool(better.all()):  # the usual case of a contraction: every row improved everywhere
+            if active.numel() == best_A.shape[0]:
+                best_A, best_nu, best_bias, best_value = A, nu, bias, value
+            else:
+                best_A[active], best_nu[active], best_bias[active], best_value[active] = A, nu, bias, value
+            continue
         take = better.any(1)
         if bool(take.any()):
             rows, sel = active[take], better[take]
