@@ -326,5 +326,21 @@ def gemm_scale(node):
     return 1.0
 
 
+# ------------------------------------------------- optimizable custom nodes (alpha-CROWN)
+def optimizable_node_base():
+    """auto_LiRPA's base class of nodes whose ``alpha`` its alpha-CROWN optimizes (0.3 and upstream
+    collect them by ``isinstance(node, BoundOptimizableActivation)``), or plain ``Bound`` when the
+    installed version has none."""
+    import auto_LiRPA.operators as ops
+
+    return getattr(ops, "BoundOptimizableActivation", None) or ops.Bound
+
+
+def start_node_entry(entry):
+    """(name, size) of one start node passed to ``init_opt_parameters``: 0.3 passes
+    (name, size, unstable_idx), upstream (name, size, unstable_idx, is_final)."""
+    return entry[0], entry[1]
+
+
 ALL_SHIMS = [s.shim_name for s in PRE_IMPORT + POST_IMPORT]
 apply()

@@ -118,10 +118,10 @@ class _Counting:
     """A relaxation that counts the specification rows it is applied to."""
 
     def __init__(self, relaxation):
-        self.relaxation, self.rows = relaxation, 0
+        self.relaxation, self.count = relaxation, 0
 
     def apply(self, nu):
-        self.rows += nu.shape[0]
+        self.count += nu.shape[0]
         return self.relaxation.apply(nu)
 
 
@@ -181,7 +181,7 @@ def test_converged_rows_leave_the_working_set():
     counting = _Counting(relax)
     _, _, iterations, _ = chunked_adjoint_bound(g, counting, box, in_box, 100, 1e-9)
     assert iterations > 3
-    assert counting.rows == 8 + (iterations - 1)  # the first iterate of every row, then row 0 alone
+    assert counting.count == 8 + (iterations - 1)  # the first iterate of every row, then row 0 alone
 
 
 def test_max_elements_option_is_checked():

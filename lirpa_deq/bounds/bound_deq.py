@@ -6,11 +6,17 @@ Output: z*(u), the DEQ's fixed point.
 * ``forward``: the point solve (implicit gradients to u and the parameters).
 * ``interval_propagate``: the PROVED interval fixed point (lirpa_deq.bounds.interval) with
   implicit-function gradients (IBP certified training).
-* ``bound_backward``: linear (CROWN) bounds through the adjoint DEQ (lirpa_deq.bounds.adjoint).
+* ``bound_backward``: linear (CROWN) bounds through the adjoint DEQ (lirpa_deq.bounds.adjoint),
+  over a relaxation refined by CROWN bounds of its own pre-activations (lirpa_deq.bounds.refine)
+  whose rows are concretized over the input region through the affine layers before the DEQ
+  (lirpa_deq.bounds.prefix); under alpha-CROWN with optimizable lower slopes
+  (lirpa_deq.bounds.slopes: the node is one of auto_LiRPA's optimizable activations).
 
 Options: ``BoundedModule(..., bound_opts={'deq': {...}})`` with keys of
 :class:`IntervalOptions` (interval search / proof) and ``adjoint_max_iter``, ``adjoint_tol``,
-``adjoint_max_elements`` (memory cap of one chunk of specification rows, lirpa_deq.bounds.spec_batching).
+``crown_refine`` (refinement rounds, 0: the interval box's relaxation), ``refine_tol``,
+``refine_max_rows``, ``crown_gradient`` ('exact' or 'fixed'), ``adjoint_max_elements`` (memory
+cap of one chunk of specification rows, lirpa_deq.bounds.spec_batching); docs/crown.md.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import math
 import numbers
 
 import torch
-from auto_LiRPA.operators import Bound
+from .._compat import optimizable_node_base
 
 from . import relu_affine as _relu_affine  # noqa: F401  (registers the ReLU-affine family)
 from .generic import strategy as _generic  # noqa: F401  (registers the generic family)
@@ -28,8 +34,11 @@ from .cell_bounds import cell_bounds_for
 from .injection import check_dtype, checked_box, injection_box
 from .interval import IntervalOptions, IntervalProofError
 from .node import lookup_layer, parameter_names
+from .prefix import affine_prefix, concretize_lower
+from .slopes import OptimizableSlopes
 
-ADJOINT_KEYS = ("adjoint_max_iter", "adjoint_tol", "adjoint_max_elements")
+ADJOINT_KEYS = ("adjoint_max_iter", "adjoint_tol", "crown_refine", "refine_tol", "refine_max_rows", "crown_gradient",
+                "optimize_adjoint", "refine_opt_steps", "adjoint_max_elements")
 
 
 def deq_options(options):
@@ -51,10 +60,22 @@ def deq_options(options):
     if isinstance(cap, bool) or not isinstance(cap, numbers.Integral) or cap < 1:
         raise ValueError("bound_opts['deq']['adjoint_max_elements'] (entries of specification rows x batch x "
                          f"state per adjoint chunk) must be an integer >= 1, got {cap!r}")
+    for name, least in (("crown_refine", 0), ("refine_max_rows", 1), ("refine_opt_steps", 0)):
+        value = adjoint.get(name, least)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"bound_opts['deq'][{name!r}] must be an integer >= {least}, got {value!r}")
+    if not isinstance(adjoint.get("optimize_adjoint", True), bool):
+        raise TypeError(f"bound_opts['deq']['optimize_adjoint'] must be True or False, got {adjoint['optimize_adjoint']!r}")
+    rtol = adjoint.get("refine_tol", 0.0)
+    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 <= rtol <= 1:
+        raise ValueError(f"bound_opts['deq']['refine_tol'] must be a real number in [0, 1], got {rtol!r}")
+    if adjoint.get("crown_gradient", "exact") not in ("exact", "fixed"):
+        raise ValueError("bound_opts['deq']['crown_gradient'] must be 'exact' (gradients through the adjoint "
+                         f"solve and the box) or 'fixed' (both held constant), got {adjoint['crown_gradient']!r}")
     return interval, adjoint
 
 
-class BoundDEQ(Bound):
+class BoundDEQ(OptimizableSlopes, optimizable_node_base()):
     """Bound of a DEQ fixed-point node; see the module docstring."""
 
     def __init__(self, attr=None, inputs=None, output_index=0, options=None):
@@ -64,6 +85,7 @@ class BoundDEQ(Bound):
         # registered twice): BoundedModule(make_model(), x) must not lose its layer to the GC
         self._deq_holder = (lookup_layer(self.deq_key),)
         self.requires_input_bounds = [0]  # bounds of u are needed (ReLU relaxation inside)
+        self.alpha_batch_dim = 2  # alpha-CROWN: alpha[start] is (2, spec, B, *state)
         self.nonlinear = True
         self.interval_options, self.adjoint_options = deq_options(options)
         # the bounds strategy of the layer's cell family, chosen once (lirpa_deq.bounds.cell_bounds)
@@ -140,12 +162,32 @@ class BoundDEQ(Bound):
         _check_finite_A(last_lA, last_uA)
         box = self.interval_box(*u_box, params)
         lA, uA, lbias, ubias = linear_backward(self.cell_bounds, last_lA, last_uA, box, u_box, params,
-                                               self.adjoint_options)
+                                               self.adjoint_options, slopes=self.slopes_for(kwargs.get("start_node")),
+                                               concretize=self._input_concretizer(u_box[0].shape[1:]))
         for bias in (lbias, ubias):
             if isinstance(bias, torch.Tensor) and not bool(torch.isfinite(bias).all()):
                 raise IntervalProofError("the linear bound through the DEQ is not finite (overflow in the "
                                          "adjoint iteration); use method='IBP', a smaller eps or float64")
         return [(lA, uA)] + [(None, None)] * (len(x) - 1), lbias, ubias
+
+    def _input_concretizer(self, u_state):
+        """(callable, region key) concretizing linear functions of u over the input region through the
+        affine layers before the DEQ (lirpa_deq.bounds.prefix), or None (the box of u is used)."""
+        prefix = affine_prefix(self.inputs[0])
+        if prefix is None:
+            return None
+        root = prefix[1]
+        ptb, center = root.perturbation, getattr(root, "center", None)
+        if not isinstance(center, torch.Tensor):
+            return None
+        region = [center] + [t for t in (getattr(ptb, "x_L", None), getattr(ptb, "x_U", None))
+                             if isinstance(t, torch.Tensor)]
+        scalars = [getattr(ptb, "eps", None), getattr(ptb, "norm", None)]
+        region.append(torch.tensor([-1.0 if v is None else float(v) for v in scalars], dtype=torch.float64))
+
+        def concretize(A):
+            return concretize_lower(prefix, A.reshape(A.shape[0], A.shape[1], *u_state))
+        return concretize, region
 
     def bound_forward(self, dim_in, *x):
         raise NotImplementedError(

@@ -6,11 +6,19 @@ A :class:`CellBounds` owns everything one DEQ node needs to bound its cell famil
   gradients), cached while the input box, the parameters and the cell's attributes are unchanged;
   ``info`` says how it was proved;
 * ``interval_step(box, u_lo, u_hi, params)``: z* ∈ F(B) ∩ B, differentiable (IBP training);
-* ``linear_relaxation(box, u_box, params, grad)``: the cell's relaxation for the adjoint theorem
-  (lirpa_deq.bounds.adjoint), from which ``linear_backward`` (shared) builds CROWN bounds.
+* ``linear_relaxation(state, u_box, params, grad)``: the cell's relaxation for the adjoint theorem
+  (lirpa_deq.bounds.adjoint) over a :class:`~lirpa_deq.bounds.refine.RelaxationState` (the proved
+  box, possibly tightened, and family-specific pre-activation bounds), from which
+  ``linear_backward`` (shared) builds CROWN bounds;
+* ``refined(box, u_box, params)``: that state tightened by CROWN bounds of the family's
+  refinement rows (lirpa_deq.bounds.refine), cached per proved box like the box itself;
+* ``differentiable_box(state, u_box, params)``: the state's box with the implicit gradient of the
+  interval fixed point (its value unchanged), for exact gradients of CROWN bounds;
+* optimizable slopes: ``slope_shape`` / ``initial_slopes`` (None: the family has none).
 
-A family implements ``handles(deq)``, ``_refresh``, ``_prove``, ``interval_step`` and
-``linear_relaxation``; :func:`register_cell_bounds` adds it. BoundDEQ picks the first registered
+A family implements ``handles(deq)``, ``_refresh``, ``_prove``, ``interval_step``,
+``linear_relaxation`` and, for the refinement, ``initial_state`` / ``refinement_rows`` /
+``tighten``; :func:`register_cell_bounds` adds it. BoundDEQ picks the first registered
 family that handles its layer when the node is built. The ReLU-affine family
 (lirpa_deq.bounds.relu_affine) and the generic family (lirpa_deq.bounds.generic) are built in.
 """
@@ -20,6 +28,7 @@ import torch
 
 from .generic.fingerprint import fingerprint, same_fingerprint
 from .interval import IntervalProofError
+from .refine import RelaxationState, refine
 
 _FAMILIES: list = []
 
@@ -63,6 +72,8 @@ class CellBounds:
         self.forward_value = None  # the node's point solution, a warm start for the proof
         self._key = None
         self._cell_fp = None
+        self._refined = None  # (box-cache key, options, input-region key, RelaxationState)
+        self.last_lower_slopes = None  # CROWN's lower slopes of the last relaxation (alpha's start)
 
     @classmethod
     def handles(cls, deq) -> bool:  # pragma: no cover - abstract
@@ -102,7 +113,51 @@ class CellBounds:
             return fv.detach()
         return self.deq.solve((u_lo + u_hi) / 2, params=params)
 
+    def refined(self, box, u_box, params, concretize=None):
+        """The CROWN-refined RelaxationState for the proved ``box`` (lirpa_deq.bounds.refine), reused
+        while the box cache holds (same input box, parameters and cell) and the input region is the
+        same, i.e. by every specification and start node of one ``compute_bounds``. ``concretize``:
+        None or (callable, region key: tensors naming the input region it concretizes over)."""
+        fn, region = concretize if concretize is not None else (None, [])
+        opts = tuple(sorted((k, v) for k, v in self.adjoint_options.items()))
+        hit = self._refined
+        if hit is not None and hit[0] is self._key and hit[1] == opts and box[0] is self.last_box[0] \
+                and _same(hit[2], region):
+            return hit[3]
+        state = refine(self, box, u_box, params, self.adjoint_options, fn)
+        self._refined = (self._key, opts, [t.detach().clone() for t in region], state)
+        return state
+
+    def differentiable_box(self, state, u_box, params):
+        """``state.box`` with the gradient of the proved box: the value is unchanged (a sound box),
+        the gradient is that of one differentiable interval step from the proved box, which for an
+        interval post-fixpoint is the implicit-function gradient of the interval fixed point
+        (``interval_step``). Entries where a refinement made the box tighter keep that gradient
+        (the refinement itself is held constant)."""
+        a, b = self.interval_step(self.last_box, *u_box, params)
+        lo, hi = state.box
+        return lo.detach() + (a - a.detach()), hi.detach() + (b - b.detach())
+
     # -- implemented by a family ---------------------------------------------------------------
+    def initial_state(self, box, u_box, params):
+        """The RelaxationState before any refinement: the proved box (and the family's own
+        pre-activation bounds from it)."""
+        return RelaxationState(box)
+
+    def refinement_rows(self, state, params, max_rows):
+        """(G (K, B, N), G_u (K, B, M) or None, index (K,)): the rows whose CROWN bounds tighten the
+        state, or None when there is nothing to tighten (the default: no refinement)."""
+        return None
+
+    def tighten(self, state, index, lower, upper, u_box, params):  # pragma: no cover - abstract
+        """(new RelaxationState, relative shrink) from proved bounds (K, B) of the rows ``index``;
+        the new state must be the INTERSECTION of the old one with what the bounds prove."""
+        raise NotImplementedError
+
+    def slope_shape(self, state_shape):
+        """Shape (per sample) of the optimizable lower slopes of the family's relaxation, or None."""
+        return None
+
     def _refresh(self, u_lo, u_hi) -> bool:
         """Bring nested state up to date for these inputs; True when it was rebuilt (then every cached
         box is stale)."""
@@ -119,5 +174,7 @@ class CellBounds:
     def interval_step(self, box, u_lo, u_hi, params):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def linear_relaxation(self, box, u_box, params, grad):  # pragma: no cover - abstract
+    def linear_relaxation(self, state, u_box, params, grad):  # pragma: no cover - abstract
+        """The relaxation object (lirpa_deq.bounds.adjoint) valid on ``state``; with ``grad``,
+        differentiable in ``state.box``, ``u_box`` and ``params``."""
         raise NotImplementedError

@@ -17,6 +17,9 @@ iterating all rows until the largest change is small, a row may stop a few itera
 met its own tolerance) or later (its scale is below the largest); its bound then differs by the
 adjoint tolerance, never in soundness.
 
+A relaxation whose data differ per specification row (alpha-CROWN's per-row lower slopes) gives
+the rows of a chunk by ``relaxation.rows(index)``; one without ``rows`` is the same for every row.
+
 Shapes: g (S, B, N) rows on the state; box (lo, hi) each (B, N); in_box (lo, hi) each (B, M);
 offset None or (S, B, M), a coefficient the caller adds to A_in (it only changes the ranking).
 """
@@ -47,46 +50,57 @@ class _Evaluator:
         self.box_c, self.box_r = (box[1] + box[0]) / 2, (box[1] - box[0]) / 2
         self.u_c, self.u_r = (in_box[1] + in_box[0]) / 2, (in_box[1] - in_box[0]) / 2
 
-    def __call__(self, nu, g, offset):
-        A, M, const = self.relaxation.apply(nu)
+    def __call__(self, nu, g, offset, rows):
+        relaxation = self.relaxation
+        if hasattr(relaxation, "rows"):  # per-row data (alpha-CROWN's per-specification slopes)
+            relaxation = relaxation.rows(rows)
+        A, M, const = relaxation.apply(nu)
         nu_next = g + M
         r = nu - nu_next
         r_abs = r.abs()
         bias = const - _dot(r, self.box_c) - _dot(r_abs, self.box_r)
         ranked = A if offset is None else A + offset
         value = bias + _dot(ranked, self.u_c) - _dot(ranked.abs(), self.u_r)
-        # per row: change below tol relative to the row's size, or a non-finite next iterate (amax
-        # propagates NaN, and inf - inf in r is NaN)
+        # per row: change below tol relative to the row's size (converged), or a non-finite next
+        # iterate (amax propagates NaN, and inf - inf in r is NaN): both stop the row
         flat = nu_next.flatten(1)
         change, scale = r_abs.flatten(1).amax(1), torch.maximum(flat.amax(1), -flat.amin(1))
-        done = (change <= self.tol * (1 + scale)) | ~torch.isfinite(scale) | ~torch.isfinite(change)
-        return A, bias, value, nu_next, done
+        bad = ~torch.isfinite(scale) | ~torch.isfinite(change)
+        return A, bias, value, nu_next, (change <= self.tol * (1 + scale)) & ~bad, bad
 
 
-def _iterate_chunk(g, evaluate, max_iter, offset):
+def _iterate_chunk(g, evaluate, max_iter, offset, first):
     """Best-of-iterates for the rows of one chunk, each row stopping on its own; see module doc.
-    Returns A_in, bias, nu (best per row) and the largest number of iterates any row computed."""
-    best_A, best_bias, best_value, nu_next, done = evaluate(g, g, offset)
-    best_nu = g.clone()
+    Returns A_in, bias, nu (best per row), the largest number of iterates any row computed, and
+    the record: ``pick`` (k, B) index of the chosen iterate, ``last`` (k, 1) index of each row's
+    last iterate, ``converged`` (every row stopped at its tolerance)."""
     active = torch.arange(g.shape[0], device=g.device)
-    g_act, off_act = g, offset
+    best_A, best_bias, best_value, nu_next, conv, bad = evaluate(g, g, offset, first + active)
+    best_nu = g.clone()
+    pick = torch.zeros(best_value.shape, dtype=torch.long, device=g.device)
+    last = torch.zeros((g.shape[0], 1), dtype=torch.long, device=g.device)
+    g_act, off_act, diverged = g, offset, bool(bad.any())
     iterations = 1
     while iterations <= max_iter:
-        keep = ~done
+        keep = ~(conv | bad)
         if not bool(keep.any()):
             break
         if not bool(keep.all()):
             active, nu_next, g_act = active[keep], nu_next[keep], g_act[keep]
             off_act = None if off_act is None else off_act[keep]
         nu = nu_next
-        A, bias, value, nu_next, done = evaluate(nu, g_act, off_act)
+        A, bias, value, nu_next, conv, bad = evaluate(nu, g_act, off_act, first + active)
+        diverged |= bool(bad.any())
+        last[active] = iterations
         iterations += 1
         better = value > best_value[active]
         if bool(better.all()):  # the usual case of a contraction: every row improved everywhere
             if active.numel() == best_A.shape[0]:
                 best_A, best_nu, best_bias, best_value = A, nu, bias, value
+                pick.fill_(iterations - 1)
             else:
                 best_A[active], best_nu[active], best_bias[active], best_value[active] = A, nu, bias, value
+                pick[active] = iterations - 1
             continue
         take = better.any(1)
         if bool(take.any()):
@@ -95,28 +109,37 @@ def _iterate_chunk(g, evaluate, max_iter, offset):
             best_nu[rows] = torch.where(sel.unsqueeze(-1), nu[take], best_nu[rows])
             best_bias[rows] = torch.where(sel, bias[take], best_bias[rows])
             best_value[rows] = torch.where(sel, value[take], best_value[rows])
-    return best_A, best_bias, best_nu, iterations
+            pick[rows] = torch.where(sel, iterations - 1, pick[rows])
+    converged = not diverged and not bool((~conv).any())
+    return best_A, best_bias, best_nu, iterations, dict(pick=pick, last=last, converged=converged)
 
 
 @torch.no_grad()
-def chunked_adjoint_bound(g, relaxation, box, in_box, max_iter, tol, offset=None,
+def chunked_adjoint_bound(g, relaxation, box, in_box, max_iter, tol, offset=None, record=None,
                           max_elements=DEFAULT_MAX_ELEMENTS):
     """Sound lower bounds g_s^T z* >= <A_in_s, u> + bias_s for every row s of g (see module doc).
 
+    record: None or a dict that receives ``pick`` (S, B), the index k of each chosen iterate
+    nu_k = (g + M)^k (g), ``last`` (S, 1), the index of each row's last iterate, and ``converged``
+    (every row met its tolerance before ``max_iter``).
     Returns A_in (S, B, M), bias (S, B), the largest number of iterates of any row, nu (S, B, N)."""
     spec, batch, n = g.shape
     evaluate = _Evaluator(relaxation, box, in_box, tol)
     step = rows_per_chunk(spec, batch, max(n, in_box[0].shape[-1]), max_elements)
-    if step >= spec:
-        A, bias, nu, iterations = _iterate_chunk(g, evaluate, max_iter, offset)
-        return A, bias, iterations, nu
-    out, iterations = None, 1
+    out, iterations, notes = None, 1, []
     for start in range(0, spec, step):
         stop = min(spec, start + step)
         off = None if offset is None else offset[start:stop]
-        A, bias, nu, its = _iterate_chunk(g[start:stop], evaluate, max_iter, off)
-        if out is None:  # the outputs are written chunk by chunk (no list of parts to concatenate)
-            out = (A.new_empty((spec, *A.shape[1:])), bias.new_empty((spec, batch)), nu.new_empty(g.shape))
-        out[0][start:stop], out[1][start:stop], out[2][start:stop] = A, bias, nu
+        A, bias, nu, its, note = _iterate_chunk(g[start:stop], evaluate, max_iter, off, start)
+        if step >= spec:  # one chunk: hand its tensors out as they are
+            out = (A, bias, nu)
+        else:
+            if out is None:  # the outputs are written chunk by chunk (no list of parts to concatenate)
+                out = (A.new_empty((spec, *A.shape[1:])), bias.new_empty((spec, batch)), nu.new_empty(g.shape))
+            out[0][start:stop], out[1][start:stop], out[2][start:stop] = A, bias, nu
         iterations = max(iterations, its)
+        notes.append(note)
+    if record is not None:
+        record.update(pick=torch.cat([n["pick"] for n in notes]), last=torch.cat([n["last"] for n in notes]),
+                      converged=all(n["converged"] for n in notes))
     return out[0], out[1], iterations, out[2]

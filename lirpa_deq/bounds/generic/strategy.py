@@ -5,7 +5,9 @@ module (:class:`CellBounder`) and a proved contraction in z (lirpa_deq.bounds.ge
   ball alone is the fallback; lirpa_deq.bounds.generic.box);
 * interval step: one nested IBP step intersected with the proved box, differentiable in the x
   bounds and the cell parameters (certified training);
-* relaxation: CROWN's linear bounds of the cell over the box (``return_A``), as matrices.
+* relaxation: CROWN's linear bounds of the cell over the box (``return_A``), as matrices; the box
+  is first tightened by CROWN bounds of every coordinate of z* (lirpa_deq.bounds.refine, rows
+  G = e_i) and the nested relaxation rebuilt over it.
 
 The nested module is kept while it still computes what the live cell computes (:meth:`_refresh`).
 """
@@ -15,6 +17,7 @@ import torch
 
 from ..adjoint import MatrixRelaxation
 from ..cell_bounds import CellBounds, register_cell_bounds
+from ..refine import RelaxationState, intersect, relative_shrink, scatter_rows
 from .box import prove_generic_box
 from .cell_bounder import CellBounder
 from .contraction import contraction_certificate
@@ -101,12 +104,33 @@ class GenericBounds(CellBounds):
     # coefficient on x), not the cell's weights -- IBP bounds of generic cells do reach them
     differentiable_relaxation = False
 
-    def linear_relaxation(self, box, x_box, params, grad):
-        lo, hi = box
+    def linear_relaxation(self, state, x_box, params, grad):
+        lo, hi = state.box
         bounder = self._bounder_for(lo, x_box[0])
         with torch.no_grad():
-            lin = bounder.linear((lo, hi), (x_box[0].detach(), x_box[1].detach()))
+            lin = bounder.linear((lo.detach(), hi.detach()), (x_box[0].detach(), x_box[1].detach()))
         return MatrixRelaxation(lin)
+
+    def refinement_rows(self, state, params, max_rows):
+        """z*_i for every coordinate (the widest ``max_rows`` first): G = e_i, no term in x."""
+        lo, hi = (t.reshape(t.shape[0], -1) for t in state.box)
+        batch, n = lo.shape
+        width = (hi - lo).sum(0)
+        index = torch.nonzero(width > 0).flatten()
+        if index.numel() == 0:
+            return None
+        if index.numel() > max_rows:
+            index = index[width[index].topk(max_rows).indices.sort().values]
+        k = index.numel()
+        G = torch.zeros(k, batch, n, dtype=lo.dtype, device=lo.device)
+        G[torch.arange(k, device=lo.device), :, index] = 1
+        return G, None, index
+
+    def tighten(self, state, index, lower, upper, x_box, params):
+        lo, hi = (t.reshape(t.shape[0], -1) for t in state.box)
+        new = intersect((lo, hi), scatter_rows(lo, index, lower), scatter_rows(hi, index, upper))
+        shape = state.box[0].shape
+        return RelaxationState((new[0].view(shape), new[1].view(shape))), relative_shrink((lo, hi), new)
 
 
 def _check_per_sample(cell, z, x):
