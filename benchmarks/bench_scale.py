@@ -11,10 +11,12 @@ Measured per model, each in a FRESH process (so peak memory is that of one measu
   * CROWN-IBP step: one certified-training step (lirpa_deq.training.losses.certified_loss,
     'crown-ibp', kappa 0.5: forward, IBP + CROWN-IBP bounds, backward, SGD step), train mode;
   * peak resident memory of the process (ru_maxrss, includes ~0.3 GB of torch + auto_LiRPA).
-A measurement that exceeds --timeout seconds is reported as such (its partial time is the limit).
+A measurement that exceeds --timeout seconds is reported as such (its partial time is the limit);
+each process's address space is capped at --max-memory-gb (an allocation beyond it fails, reported
+as out of memory, instead of pushing a shared machine into swap).
 
     python benchmarks/bench_scale.py [--pairs deq7:cnn7:64 deq3:cnn3:128] [--batch 2]
-        [--methods IBP CROWN CROWN-IBP-step] [--timeout 1500] [--threads 1]
+        [--methods IBP CROWN CROWN-IBP-step] [--timeout 1500] [--threads 1] [--max-memory-gb 12]
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ def measure(name, width, method, batch, eps, seed=0):
 
 def run_child(name, width, method, args):
     cmd = [sys.executable, __file__, "--one", name, str(width), method, "--batch", str(args.batch),
-           "--eps", repr(args.eps), "--threads", str(args.threads)]
+           "--eps", repr(args.eps), "--threads", str(args.threads), "--max-memory-gb", repr(args.max_memory_gb)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
     try:
@@ -83,8 +85,10 @@ def run_child(name, width, method, args):
         return {"time": time.perf_counter() - t0, "peak_gb": math.nan, "value": math.nan, "status": "timeout"}
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
-        return {"time": math.nan, "peak_gb": math.nan, "value": math.nan,
-                "status": "failed: " + (out.stderr.strip().splitlines() or ["?"])[-1][:120]}
+        last = (out.stderr.strip().splitlines() or ["?"])[-1]
+        oom = "MemoryError" in out.stderr or "not enough memory" in out.stderr or "alloc" in last.lower()
+        status = f"out of memory (> {args.max_memory_gb:g} GB)" if oom else "failed: " + last[:120]
+        return {"time": time.perf_counter() - t0, "peak_gb": math.nan, "value": math.nan, "status": status}
     return dict(json.loads(lines[-1]), status="ok")
 
 
@@ -105,17 +109,20 @@ def main():
     parser.add_argument("--eps", type=float, default=2 / 255)
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-memory-gb", type=float, default=12.0, help="address-space cap per measurement")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "WIDTH", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     if args.one:
+        cap = int(args.max_memory_gb * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         name, width, method = args.one
         print(json.dumps(measure(name, int(width), method, args.batch, args.eps)))
         return
     print(f"batch {args.batch}, eps {args.eps:.5f}, 3x32x32, 9 margins, conv_mode patches, "
-          f"{args.threads} thread(s), timeout {args.timeout:.0f} s per measurement")
+          f"{args.threads} thread(s), timeout {args.timeout:.0f} s and {args.max_memory_gb:g} GB per measurement")
     print(f"{'pair':>16} | {'method':>14} | {'DEQ model':>24} | {'explicit twin':>24} | time x | memory x")
     for pair in args.pairs:
         deq_name, explicit_name, width = pair.split(":")
