@@ -134,7 +134,7 @@ def bound_at(nu, g, relaxation, box):
 
 
 def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL, offset=None,
-                       record=None, max_elements=DEFAULT_MAX_ELEMENTS):
+                       record=None, max_elements=DEFAULT_MAX_ELEMENTS, keep_nu=True):
     """Sound lower bound g^T z* >= <A_in, u> + bias, the best of the adjoint iterates.
 
     g: (spec, B, N); box: (lo, hi) of z*, (B, N); in_box: (lo, hi) of u, (B, M) (to rank iterates).
@@ -148,10 +148,11 @@ def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, to
     row stops at its own tolerance (lirpa_deq.bounds.spec_batching).
     record: a dict that receives ``pick`` (spec, B), the index k of the chosen iterate
     nu_k = (g + M)^k (g), ``last`` (spec, 1), the index of each row's last iterate, and ``converged``
-    (every row met its tolerance).
+    (every row met its tolerance). ``keep_nu=False``: nu is not kept (returned as None; saves a
+    tensor as large as g).
     Returns A_in (spec, B, M), bias (spec, B), the number of iterations, and the chosen nu."""
     return chunked_adjoint_bound(g, relaxation, box, in_box, max_iter, tol, offset=offset, record=record,
-                                 max_elements=max_elements)
+                                 max_elements=max_elements, keep_nu=keep_nu)
 
 
 # ------------------------------------------------------------- exact gradients of the bound
@@ -274,22 +275,24 @@ def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_o
     def one_side(last_A, sign, index):
         if last_A is None:
             return None, 0
-        g = sign * dense_coefficients(last_A, lo.shape).to(lo.dtype)  # 0.3's default C is float32
+        g = dense_coefficients(last_A, lo.shape).to(lo.dtype)  # 0.3's default C is float32
+        g = g if sign > 0 else -g  # (no copy of the lower side's rows: they can be thousands)
         spec = g.shape[0]
         g = g.reshape(spec, batch, -1)
         side = _side(slopes[0], index, spec) if slopes is not None else None
         shift = _side(slopes[1], index, spec) if slopes is not None else None
         rel = relaxation if side is None else relaxation.with_lower_slopes(side.detach())
         record = {}
+        needs = (g, u_lo, u_hi, *params.values()) + tuple(t for t in (side, shift) if t is not None)
+        grad = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in needs)
         A, bias, _, nu = best_adjoint_bound(g.detach(), rel, zbox, in_box, max_iter=max_iter, tol=tol, record=record,
-                                            max_elements=max_elements)
+                                            max_elements=max_elements, keep_nu=grad or shift is not None)
         if shift is not None:
             step = NU_STEP * nu.abs().amax(-1, keepdim=True)
             shift = shift.reshape(shift.shape[0], batch, -1).to(nu.dtype)
             with torch.no_grad():
                 A, bias = bound_at(nu + step * shift, g.detach(), rel, zbox)
-        needs = (g, u_lo, u_hi, *params.values()) + tuple(t for t in (side, shift) if t is not None)
-        if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in needs):
+        if grad:
             # the same bound, recomputed with gradients to g, the slopes, the cell weights, the u bounds
             if not differentiable:
                 state_d = state.with_box(cell_bounds.differentiable_box(state, (u_lo, u_hi), params)) \
@@ -303,7 +306,10 @@ def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_o
             if shift is not None:
                 nu_d = nu_d + step * shift
             A, bias = bound_at(nu_d, g, rel_d, box_d)
-        return sign * A.reshape(spec, batch, *in_state), sign * bias
+        A = A.reshape(spec, batch, *in_state)
+        if sign > 0:
+            return A, bias
+        return (-A, -bias) if A.requires_grad else (A.neg_(), bias.neg_())  # (A is this call's own buffer)
 
     lA, lbias = one_side(last_lA, 1.0, 0)
     uA, ubias = one_side(last_uA, -1.0, 1)

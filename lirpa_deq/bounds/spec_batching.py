@@ -116,12 +116,12 @@ def _iterate_chunk(g, evaluate, max_iter, offset, first):
 
 @torch.no_grad()
 def chunked_adjoint_bound(g, relaxation, box, in_box, max_iter, tol, offset=None, record=None,
-                          max_elements=DEFAULT_MAX_ELEMENTS):
+                          max_elements=DEFAULT_MAX_ELEMENTS, keep_nu=True):
     """Sound lower bounds g_s^T z* >= <A_in_s, u> + bias_s for every row s of g (see module doc).
 
     record: None or a dict that receives ``pick`` (S, B), the index k of each chosen iterate
     nu_k = (g + M)^k (g), ``last`` (S, 1), the index of each row's last iterate, and ``converged``
-    (every row met its tolerance before ``max_iter``).
+    (every row met its tolerance before ``max_iter``). ``keep_nu=False``: nu is returned as None.
     Returns A_in (S, B, M), bias (S, B), the largest number of iterates of any row, nu (S, B, N)."""
     spec, batch, n = g.shape
     evaluate = _Evaluator(relaxation, box, in_box, tol)
@@ -132,11 +132,14 @@ def chunked_adjoint_bound(g, relaxation, box, in_box, max_iter, tol, offset=None
         off = None if offset is None else offset[start:stop]
         A, bias, nu, its, note = _iterate_chunk(g[start:stop], evaluate, max_iter, off, start)
         if step >= spec:  # one chunk: hand its tensors out as they are
-            out = (A, bias, nu)
+            out = (A, bias, nu if keep_nu else None)
         else:
             if out is None:  # the outputs are written chunk by chunk (no list of parts to concatenate)
-                out = (A.new_empty((spec, *A.shape[1:])), bias.new_empty((spec, batch)), nu.new_empty(g.shape))
-            out[0][start:stop], out[1][start:stop], out[2][start:stop] = A, bias, nu
+                out = (A.new_empty((spec, *A.shape[1:])), bias.new_empty((spec, batch)),
+                       nu.new_empty(g.shape) if keep_nu else None)
+            out[0][start:stop], out[1][start:stop] = A, bias
+            if keep_nu:
+                out[2][start:stop] = nu
         iterations = max(iterations, its)
         notes.append(note)
     if record is not None:
