@@ -4,8 +4,9 @@ A *group* is everything one integer seed determines: a random small model (fc / 
 cells, layers before and after, sometimes two DEQs in series), an input batch x (B = 1-2), eps in
 [0, 2], l_inf or l2, float32 or float64, maybe a specification C, maybe poor solver options,
 maybe an in-place change between two calls. Each ``compute_bounds`` call of a group is a *case*
-(IBP, CROWN and CROWN-IBP on one BoundedModule; or one method before and after an in-place
-change). A case passes when its bounds contain the ground truth (``lirpa_deq.testing``: every DEQ
+(IBP, CROWN and CROWN-IBP on one BoundedModule, CROWN with the DEQ's refined relaxation and, on
+float32 models, alpha-CROWN through the DEQ on BoundedModules of their own (``VARIANTS``); or one
+method before and after an in-place change). A case passes when its bounds contain the ground truth (``lirpa_deq.testing``: every DEQ
 re-solved independently in float64 at random, vertex and PGD points; tolerance 1e-6 (float64) /
 1e-4 (float32) of 1 + max|y|) or when it raises one of the project's clear errors. Bad inputs
 (negative / NaN eps, NaN in x, weights or C) must raise: any number returned for them fails.
@@ -46,6 +47,14 @@ CELLS = FC_CELLS + CONV_CELLS
 MARGIN_CELLS = ["fc-ibpmon", "conv-mon", "fc-ortho", "gen-residual", "conv-ibpmon", "fc-mon",
                 "gen-sntanh", "conv-ortho", "gen-convbn"]  # cells with a margin / Python attribute
 METHODS = ("IBP", "CROWN", "CROWN-IBP")
+# bound methods with their own options, each on a second BoundedModule of the same model: name ->
+# (auto_LiRPA method, bound_opts['deq'] added to the group's, other bound_opts). alpha-CROWN runs
+# on float32 groups only (auto_LiRPA 0.3's alpha-CROWN crashes on float64 models, docs/crown.md).
+VARIANTS = {
+    "CROWN-refined": ("CROWN", {"crown_refine": 2}, {}),
+    "alpha-CROWN": ("CROWN-Optimized", {"crown_refine": 2, "optimize_adjoint": True, "refine_opt_steps": 1},
+                    {"optimize_bound_args": {"iteration": 2}}),
+}
 KNOWN_BUGS = {  # scenario -> the bug this suite was written to catch (fixed in 7f17917); named in failures
     "l2-direct": "an l2 perturbation straight into a DEQ gets unsound bounds",
     "inplace-margin": "the box cache ignores cell.margin: a stale box after `cell.margin = ...`",
@@ -288,7 +297,11 @@ def make_group(seed):
     info = dict(dtype=str(dtype).replace("torch.", ""), norm="l2" if norm == 2 else "linf",
                 B=B, spec=None if spec is None else list(spec.shape), opts=opts, direct=direct,
                 arch=" > ".join(type(mod).__name__ for mod in model))
-    return Group(seed, scenario, cell_kind, model, calls, norm, spec, METHODS, opts, mutate,
+    # the variants run on the first 2 (CROWN-refined) / 1 (alpha-CROWN) rounds of every 100 seeds:
+    # every scenario, a fifth to two fifths of the CI slice's time each
+    methods = METHODS + (("CROWN-refined",) if seed % 100 < 2 * len(SCHEDULE) else ()) \
+        + (("alpha-CROWN",) if dtype == torch.float32 and seed % 100 < len(SCHEDULE) else ())
+    return Group(seed, scenario, cell_kind, model, calls, norm, spec, methods, opts, mutate,
                  scenario.startswith("bad"), info)
 
 
@@ -307,22 +320,29 @@ def run_group(g, n_samples=48, pgd_steps=12):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.time()
-        try:
-            bm = BoundedModule(g.model, g.calls[0][0], bound_opts=g.bound_opts)
-        except Exception as exc:  # noqa: BLE001 - classified, not swallowed
-            for call in range(1, len(g.calls) + 1):
-                for method in g.methods:
-                    record(method, call, judge_error(exc), t0)
-            return records
+        modules = {}  # method -> (BoundedModule or the exception building it, auto_LiRPA method)
+        for method in g.methods:
+            base, deq_extra, extra = VARIANTS.get(method, (method, {}, {}))
+            opts = dict(g.bound_opts or {}, **extra)
+            if deq_extra:
+                opts["deq"] = {**(opts.get("deq") or {}), **deq_extra}
+            try:
+                modules[method] = (BoundedModule(g.model, g.calls[0][0], bound_opts=opts or None), base)
+            except Exception as exc:  # noqa: BLE001 - classified, not swallowed
+                modules[method] = (exc, base)
         for call, (x, eps) in enumerate(g.calls, 1):
             if call == 2 and g.mutate is not None:
                 g.mutate(g.model)
             truth = None  # ground truth of this call's model, shared by the methods
             for method in g.methods:
                 t0 = time.time()
+                bm, base = modules[method]
+                if isinstance(bm, Exception):
+                    record(method, call, judge_error(bm), t0)
+                    continue
                 try:
                     ptb = PerturbationLpNorm(norm=g.norm, eps=eps)
-                    lb, ub = bm.compute_bounds(x=(BoundedTensor(x, ptb),), method=method, C=g.spec)
+                    lb, ub = bm.compute_bounds(x=(BoundedTensor(x, ptb),), method=base, C=g.spec)
                 except Exception as exc:  # noqa: BLE001
                     record(method, call, judge_error(exc), t0)
                     continue

@@ -72,11 +72,13 @@ class ReLUAffineRelaxation:
         self.unstable = self.t > 0  # t = -l h / (h - l) > 0 exactly on unstable neurons
 
     def with_lower_slopes(self, slopes):
-        """The same relaxation with lower slopes ``slopes`` ((spec, B, *state) or (B, *state)) on
+        """The same relaxation with lower slopes ``slopes`` ((spec, B, *state), (B, *state) or flat
+        (..., B, N)) on
         the unstable neurons; the chord and the stable neurons are kept."""
         new = object.__new__(ReLUAffineRelaxation)
         new.op, new.state, new.aU, new.t, new.unstable = self.op, self.state, self.aU, self.t, self.unstable
-        lead = slopes.shape[:slopes.dim() - len(self.state)]
+        tail = len(self.state) if tuple(slopes.shape[-len(self.state):]) == self.state else 1  # state or flat
+        lead = slopes.shape[:slopes.dim() - tail]
         slopes = slopes.reshape(*lead, -1).to(self.aL.dtype).clamp(0, 1)
         new.aL = torch.where(self.unstable, slopes, self.aL)
         return new
