@@ -188,6 +188,40 @@ def _dense_specs_on_add_nodes():
         return original(self, node, sparse_intermediate_bounds, *args, **kwargs)
 
     BoundedModule.get_sparse_C = get_sparse_C
+    # alpha-CROWN's slopes for such a start node must then be dense too (0.3 would create them for
+    # its unstable neurons only and then refuse the dense specification: an AssertionError)
+    _dense_alpha_for(lambda self, name, idx: isinstance(self[name], (BoundAdd, BoundSub)))
+    return True
+
+
+def _dense_alpha_for(rule):
+    """Make 0.3's alpha-CROWN create DENSE slopes (unstable_idx None) for the start nodes where
+    ``rule(bounded_module, name, unstable_idx)`` holds (wraps ``get_alpha_crown_start_nodes``)."""
+    from auto_LiRPA import BoundedModule
+
+    original = BoundedModule.get_alpha_crown_start_nodes
+
+    @functools.wraps(original)
+    def get_alpha_crown_start_nodes(self, *args, **kwargs):
+        return [(name, size, None if idx is not None and rule(self, name, idx) else idx)
+                for name, size, idx in original(self, *args, **kwargs)]
+
+    BoundedModule.get_alpha_crown_start_nodes = get_alpha_crown_start_nodes
+
+
+@_shim("sparse_alpha_no_unstable")
+def _sparse_alpha_no_unstable():
+    # 0.3's alpha-CROWN gives a start node with NO unstable neuron (at initialization) sparse slopes
+    # of size 1, and then fails an assertion in BoundRelu.bound_backward as soon as a later
+    # iteration finds unstable neurons there (upstream creates them differently). Give such start
+    # nodes dense slopes; any slope in [0, 1] is sound, this only changes how they are stored.
+    if _upstream_sparse_specs():
+        return False
+
+    def empty(self, name, idx):
+        return (idx.numel() if isinstance(idx, torch.Tensor) else idx[0].numel()) == 0
+
+    _dense_alpha_for(empty)
     return True
 
 
@@ -259,7 +293,7 @@ def _sigmoid_table_dtype():
 
 
 POST_IMPORT = [_named_members_remove_duplicate, _add_sub_patches_mode, _dense_specs_on_add_nodes,
-               _maxpool_alpha_spec, _avgpool_view, _sigmoid_table_dtype]
+               _sparse_alpha_no_unstable, _maxpool_alpha_spec, _avgpool_view, _sigmoid_table_dtype]
 
 
 def apply():
