@@ -91,3 +91,25 @@ def test_bad_refinement_options_are_refused(key, value):
     model, x = fc_model(0), torch.rand(1, 1, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=key):
         BoundedModule(model, x, bound_opts={"deq": {key: value}})
+
+
+def test_prefix_concretization_is_exact_through_affine_layers():
+    """min over the l_inf ball of <a, u(x)> with u = Linear(Flatten(x)): the closed form
+    <a, u(x0)> - eps ||P^T a||_1 (what the refinement rows use instead of the box of u)."""
+    from lirpa_deq.bounds.prefix import affine_prefix, concretize_lower
+
+    model = fc_model(7)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    eps = 0.03
+    bm = BoundedModule(model, x, bound_opts={"deq": {"crown_refine": 1}})
+    bm.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=eps)),), method="CROWN")
+    node = deq_nodes(bm)[0]
+    prefix = affine_prefix(node.inputs[0])
+    assert prefix is not None and len(prefix[0]) == 2  # Linear, Flatten
+    a = torch.randn(5, 2, 20, dtype=torch.float64)
+    got = concretize_lower(prefix, a)
+    P, q = model[1].weight, model[1].bias
+    u0 = model[1](x.flatten(1))
+    want = torch.einsum("kbn,bn->kb", a, u0) - eps * (a @ P).abs().sum(-1)
+    torch.testing.assert_close(got, want.detach(), atol=1e-10, rtol=0)
+    assert affine_prefix(deq_nodes(BoundedModule(fc_model(7, relu_before=True), x))[0].inputs[0]) is None

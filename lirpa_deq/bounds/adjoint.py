@@ -73,8 +73,7 @@ class ReLUAffineRelaxation:
 
     def with_lower_slopes(self, slopes):
         """The same relaxation with lower slopes ``slopes`` ((spec, B, *state), (B, *state) or flat
-        (..., B, N)) on
-        the unstable neurons; the chord and the stable neurons are kept."""
+        (..., B, N)) on the unstable neurons; the chord and the stable neurons are kept."""
         new = object.__new__(ReLUAffineRelaxation)
         new.op, new.state, new.aU, new.t, new.unstable = self.op, self.state, self.aU, self.t, self.unstable
         tail = len(self.state) if tuple(slopes.shape[-len(self.state):]) == self.state else 1  # state or flat
