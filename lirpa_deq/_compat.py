@@ -173,10 +173,9 @@ def _add_sub_patches_mode():
     # 0.3 keeps BoundAdd/BoundSub in conv_mode 'patches' even on 2-D tensors, and then builds an
     # identity Patches spec for them (crashes CROWN on cells like relu(Wz + Ux)). Upstream (>= 0.4)
     # guards that branch with len(output_shape) >= 4; mirror that by reporting 'matrix' below 4-D.
-    from auto_LiRPA import backward_bound
     from auto_LiRPA.operators import BoundAdd, BoundSub
 
-    if "len(node.output_shape) >= 4" in inspect.getsource(backward_bound.get_sparse_C):
+    if _upstream_sparse_specs():
         return False
 
     def get_mode(node):
@@ -193,25 +192,69 @@ def _add_sub_patches_mode():
     return True
 
 
-@_shim("dense_intermediate_specs")
-def _dense_intermediate_specs():
-    # 0.3's sparse intermediate bounds (bound only the neurons IBP calls unstable) return UNSOUND
-    # bounds on Add nodes of 2-D cells such as relu(Wz + Ux) (caught by tests/test_auto_lirpa.py;
-    # upstream >= 0.4 is sound there). It is only a speed-up, so 0.3 defaults it off; an explicit
-    # bound_opts={'sparse_intermediate_bounds': True} is still honoured.
-    from auto_LiRPA import BoundedModule, backward_bound
+def _upstream_sparse_specs():
+    """True when auto_LiRPA is upstream (>= 0.4): its ``get_sparse_C`` guards the Add/Sub branch."""
+    from auto_LiRPA import backward_bound
 
-    if "len(node.output_shape) >= 4" in inspect.getsource(backward_bound.get_sparse_C):
+    return "len(node.output_shape) >= 4" in inspect.getsource(backward_bound.get_sparse_C)
+
+
+@_shim("dense_specs_on_add_nodes")
+def _dense_specs_on_add_nodes():
+    # 0.3's sparse intermediate specifications (CROWN only for the neurons that the IBP reference
+    # bounds call unstable) give UNSOUND bounds on Add / Sub nodes, e.g. s = W z + U x in an
+    # unrolled relu(Wz + Ux) cell (caught by tests/compat_probes.py: relu_affine_sound; upstream is
+    # sound there). Give exactly those nodes dense specifications; every other node keeps 0.3's
+    # sparse path (the bounds of neurons left out are their IBP reference bounds, which fix the
+    # same, stable, ReLU relaxation).
+    from auto_LiRPA import BoundedModule
+    from auto_LiRPA.operators import BoundAdd, BoundSub
+
+    if _upstream_sparse_specs():
         return False
-    original = BoundedModule.__init__
+    original = BoundedModule.get_sparse_C
 
     @functools.wraps(original)
-    def __init__(self, model, global_input, bound_opts=None, *args, **kwargs):
-        bound_opts = dict(bound_opts or {})
-        bound_opts.setdefault("sparse_intermediate_bounds", False)
-        original(self, model, global_input, bound_opts, *args, **kwargs)
+    def get_sparse_C(self, node, sparse_intermediate_bounds=True, *args, **kwargs):
+        if isinstance(node, (BoundAdd, BoundSub)):
+            sparse_intermediate_bounds = False
+        return original(self, node, sparse_intermediate_bounds, *args, **kwargs)
 
-    BoundedModule.__init__ = __init__
+    BoundedModule.get_sparse_C = get_sparse_C
+    # alpha-CROWN's slopes for such a start node must then be dense too (0.3 would create them for
+    # its unstable neurons only and then refuse the dense specification: an AssertionError)
+    _dense_alpha_for(lambda self, name, idx: isinstance(self[name], (BoundAdd, BoundSub)))
+    return True
+
+
+def _dense_alpha_for(rule):
+    """Make 0.3's alpha-CROWN create DENSE slopes (unstable_idx None) for the start nodes where
+    ``rule(bounded_module, name, unstable_idx)`` holds (wraps ``get_alpha_crown_start_nodes``)."""
+    from auto_LiRPA import BoundedModule
+
+    original = BoundedModule.get_alpha_crown_start_nodes
+
+    @functools.wraps(original)
+    def get_alpha_crown_start_nodes(self, *args, **kwargs):
+        return [(name, size, None if idx is not None and rule(self, name, idx) else idx)
+                for name, size, idx in original(self, *args, **kwargs)]
+
+    BoundedModule.get_alpha_crown_start_nodes = get_alpha_crown_start_nodes
+
+
+@_shim("sparse_alpha_no_unstable")
+def _sparse_alpha_no_unstable():
+    # 0.3's alpha-CROWN gives a start node with NO unstable neuron (at initialization) sparse slopes
+    # of size 1, and then fails an assertion in BoundRelu.bound_backward as soon as a later
+    # iteration finds unstable neurons there (upstream creates them differently). Give such start
+    # nodes dense slopes; any slope in [0, 1] is sound, this only changes how they are stored.
+    if _upstream_sparse_specs():
+        return False
+
+    def empty(self, name, idx):
+        return (idx.numel() if isinstance(idx, torch.Tensor) else idx[0].numel()) == 0
+
+    _dense_alpha_for(empty)
     return True
 
 
@@ -348,9 +391,9 @@ def _jacobian_dtype():
     return True
 
 
-POST_IMPORT = [_named_members_remove_duplicate, _add_sub_patches_mode, _dense_intermediate_specs, _maxpool_alpha_spec,
-               _avgpool_view, _sigmoid_table_dtype, _sparse_c_dtype, _optimized_bounds_dtype,
-               _jacobian_dtype]
+POST_IMPORT = [_named_members_remove_duplicate, _add_sub_patches_mode, _dense_specs_on_add_nodes,
+               _sparse_alpha_no_unstable, _maxpool_alpha_spec, _avgpool_view, _sigmoid_table_dtype,
+               _sparse_c_dtype, _optimized_bounds_dtype, _jacobian_dtype]
 
 
 def apply_pre_import():

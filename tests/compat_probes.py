@@ -66,6 +66,24 @@ def probe_relu_affine_sound():
     assert report.violations == 0, report
 
 
+class Residual(nn.Module):
+    def __init__(self, n=12):
+        super().__init__()
+        self.inp, self.a, self.b, self.out = nn.Linear(16, n), nn.Linear(n, n), nn.Linear(n, n), nn.Linear(n, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.out(h + torch.relu(self.b(torch.relu(self.a(h)))))
+
+
+def probe_alpha_no_unstable():
+    """alpha-CROWN where a start node has no unstable neuron at first (seeded: it gets some later)."""
+    import lirpa_deq  # noqa: F401
+    torch.manual_seed(1)
+    model, x = Residual(), torch.rand(3, 16)
+    _bounds(model, x, "CROWN-Optimized")
+
+
 def probe_maxpool_alpha():
     import lirpa_deq  # noqa: F401
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
@@ -75,9 +93,12 @@ def probe_maxpool_alpha():
 
 def probe_avgpool4():
     import lirpa_deq  # noqa: F401
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(4), nn.Conv2d(4, 4, 3, padding=1),
                           nn.ReLU(), nn.Flatten(), nn.Linear(16, 5))
-    _bounds(model, torch.rand(2, 1, 8, 8), "CROWN")
+    # dense intermediate specifications: every ReLU's pass goes back through the AvgPool (with sparse
+    # ones a pass with no unstable neuron is skipped, and whether one is depends on the weights)
+    _bounds(model, torch.rand(2, 1, 8, 8), "CROWN", sparse_intermediate_bounds=False)
 
 
 def probe_tanh_float64():
@@ -132,7 +153,8 @@ SHIM_PROBES = {
     "symbolic_registration": "pad",
     "named_members_remove_duplicate": "parameters",
     "add_sub_patches_mode": "relu_affine_crown",
-    "dense_intermediate_specs": "relu_affine_sound",
+    "dense_specs_on_add_nodes": "relu_affine_sound",
+    "sparse_alpha_no_unstable": "alpha_no_unstable",
     "maxpool_alpha_spec": "maxpool_alpha",
     "avgpool_view": "avgpool4",
     "sigmoid_table_dtype": "tanh_float64",

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .._compat import dense_coefficients
+from .spec_batching import DEFAULT_MAX_ELEMENTS, chunked_adjoint_bound
 
 DEFAULT_MAX_ITER = 100
 DEFAULT_TOL = 1e-6
@@ -81,6 +82,16 @@ class ReLUAffineRelaxation:
         new.aL = torch.where(self.unstable, slopes, self.aL)
         return new
 
+    def rows(self, index):
+        """This relaxation for the specification rows ``index`` (LongTensor) only: per-row lower
+        slopes (spec, B, N) are selected, shared ones kept (lirpa_deq.bounds.spec_batching)."""
+        if self.aL.dim() < 3 or self.aL.shape[0] == 1:
+            return self
+        new = object.__new__(ReLUAffineRelaxation)
+        new.__dict__.update(self.__dict__)
+        new.aL = self.aL[index]
+        return new
+
     def apply(self, nu):
         spec, batch = nu.shape[:2]
         A = torch.where(nu >= 0, self.aL, self.aU) * nu
@@ -96,6 +107,9 @@ class MatrixRelaxation:
         self.lin = lin
 
     def with_lower_slopes(self, slopes):  # the nested module's slopes are not exposed (see docs/crown.md)
+        return self
+
+    def rows(self, index):  # the same matrices for every specification row
         return self
 
     def apply(self, nu):
@@ -120,9 +134,8 @@ def bound_at(nu, g, relaxation, box):
     return A, _bias(const, nu - g - M, box)
 
 
-@torch.no_grad()
 def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, tol=DEFAULT_TOL, offset=None,
-                       record=None):
+                       record=None, max_elements=DEFAULT_MAX_ELEMENTS, keep_nu=True):
     """Sound lower bound g^T z* >= <A_in, u> + bias, the best of the adjoint iterates.
 
     g: (spec, B, N); box: (lo, hi) of z*, (B, N); in_box: (lo, hi) of u, (B, M) (to rank iterates).
@@ -132,40 +145,15 @@ def best_adjoint_bound(g, relaxation, box, in_box, max_iter=DEFAULT_MAX_ITER, to
     nu - nu_next), and per specification row the iterate with the best concrete value over in_box is
     kept, so a diverging iteration (rho(|W|) > 1) cannot end worse than its best iterate (nor can a
     converging one: the fixed point is not always the best nu, and an earlier iterate may win).
+    Rows go through in chunks of at most ``max_elements`` entries (rows x batch x state) and each
+    row stops at its own tolerance (lirpa_deq.bounds.spec_batching).
     record: a dict that receives ``pick`` (spec, B), the index k of the chosen iterate
-    nu_k = (g + M)^k (g), ``last`` (the index of the last iterate) and ``converged``.
+    nu_k = (g + M)^k (g), ``last`` (spec, 1), the index of each row's last iterate, and ``converged``
+    (every row met its tolerance). ``keep_nu=False``: nu is not kept (returned as None; saves a
+    tensor as large as g).
     Returns A_in (spec, B, M), bias (spec, B), the number of iterations, and the chosen nu."""
-    u_c, u_r = (in_box[1] + in_box[0]) / 2, (in_box[1] - in_box[0]) / 2
-
-    def evaluate(nu):
-        A, M, const = relaxation.apply(nu)
-        nu_next = g + M
-        bias = _bias(const, nu - nu_next, box)
-        Ar = A if offset is None else A + offset
-        return A, bias, bias + _dot(Ar, u_c) - _dot(Ar.abs(), u_r), nu_next
-
-    nu = g
-    best_A, best_bias, best_value, nu_next = evaluate(nu)
-    best_nu = nu
-    pick = torch.zeros(best_value.shape, dtype=torch.long, device=g.device)
-    iterations, converged = 1, False
-    while iterations <= max_iter:
-        change = float((nu_next - nu).abs().max()) if nu.numel() else 0.0
-        converged = change <= tol * (1 + float(nu_next.abs().max()))
-        if converged or not torch.isfinite(nu_next).all():
-            break
-        nu = nu_next
-        A, bias, value, nu_next = evaluate(nu)
-        iterations += 1
-        better = value > best_value
-        best_A = torch.where(better.unsqueeze(-1), A, best_A)
-        best_nu = torch.where(better.unsqueeze(-1), nu, best_nu)
-        best_bias = torch.where(better, bias, best_bias)
-        best_value = torch.where(better, value, best_value)
-        pick = torch.where(better, iterations - 1, pick)
-    if record is not None:
-        record.update(pick=pick, last=iterations - 1, converged=bool(converged))
-    return best_A, best_bias, iterations, best_nu
+    return chunked_adjoint_bound(g, relaxation, box, in_box, max_iter, tol, offset=offset, record=record,
+                                 max_elements=max_elements, keep_nu=keep_nu)
 
 
 # ------------------------------------------------------------- exact gradients of the bound
@@ -281,27 +269,31 @@ def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_o
     state = cell_bounds.refined(box, (u_lo.detach(), u_hi.detach()), params, concretize)
     lo, hi = state.box
     zbox, in_box = (flat(lo), flat(hi)), (flat(u_lo), flat(u_hi))
+    max_elements = int(adjoint_options.get("adjoint_max_elements", DEFAULT_MAX_ELEMENTS))
     relaxation = cell_bounds.linear_relaxation(state, (u_lo.detach(), u_hi.detach()), params, grad=False)
     differentiable = []
 
     def one_side(last_A, sign, index):
         if last_A is None:
             return None, 0
-        g = sign * dense_coefficients(last_A, lo.shape).to(lo.dtype)  # 0.3's default C is float32
+        g = dense_coefficients(last_A, lo.shape).to(lo.dtype)  # 0.3's default C is float32
+        g = g if sign > 0 else -g  # (no copy of the lower side's rows: they can be thousands)
         spec = g.shape[0]
         g = g.reshape(spec, batch, -1)
         side = _side(slopes[0], index, spec) if slopes is not None else None
         shift = _side(slopes[1], index, spec) if slopes is not None else None
         rel = relaxation if side is None else relaxation.with_lower_slopes(side.detach())
         record = {}
-        A, bias, _, nu = best_adjoint_bound(g.detach(), rel, zbox, in_box, max_iter=max_iter, tol=tol, record=record)
+        needs = (g, u_lo, u_hi, *params.values()) + tuple(t for t in (side, shift) if t is not None)
+        grad = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in needs)
+        A, bias, _, nu = best_adjoint_bound(g.detach(), rel, zbox, in_box, max_iter=max_iter, tol=tol, record=record,
+                                            max_elements=max_elements, keep_nu=grad or shift is not None)
         if shift is not None:
             step = NU_STEP * nu.abs().amax(-1, keepdim=True)
             shift = shift.reshape(shift.shape[0], batch, -1).to(nu.dtype)
             with torch.no_grad():
                 A, bias = bound_at(nu + step * shift, g.detach(), rel, zbox)
-        needs = (g, u_lo, u_hi, *params.values()) + tuple(t for t in (side, shift) if t is not None)
-        if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in needs):
+        if grad:
             # the same bound, recomputed with gradients to g, the slopes, the cell weights, the u bounds
             if not differentiable:
                 state_d = state.with_box(cell_bounds.differentiable_box(state, (u_lo, u_hi), params)) \
@@ -315,7 +307,10 @@ def linear_backward(cell_bounds, last_lA, last_uA, box, u_box, params, adjoint_o
             if shift is not None:
                 nu_d = nu_d + step * shift
             A, bias = bound_at(nu_d, g, rel_d, box_d)
-        return sign * A.reshape(spec, batch, *in_state), sign * bias
+        A = A.reshape(spec, batch, *in_state)
+        if sign > 0:
+            return A, bias
+        return (-A, -bias) if A.requires_grad else (A.neg_(), bias.neg_())  # (A is this call's own buffer)
 
     lA, lbias = one_side(last_lA, 1.0, 0)
     uA, ubias = one_side(last_uA, -1.0, 1)

@@ -15,7 +15,8 @@ Output: z*(u), the DEQ's fixed point.
 Options: ``BoundedModule(..., bound_opts={'deq': {...}})`` with keys of
 :class:`IntervalOptions` (interval search / proof) and ``adjoint_max_iter``, ``adjoint_tol``,
 ``crown_refine`` (refinement rounds, 0: the interval box's relaxation), ``refine_tol``,
-``refine_max_rows``, ``crown_gradient`` ('exact' or 'fixed'); docs/crown.md.
+``refine_max_rows``, ``crown_gradient`` ('exact' or 'fixed'), ``adjoint_max_elements`` (memory
+cap of one chunk of specification rows, lirpa_deq.bounds.spec_batching); docs/crown.md.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from .prefix import affine_prefix, concretize_lower
 from .slopes import OptimizableSlopes
 
 ADJOINT_KEYS = ("adjoint_max_iter", "adjoint_tol", "crown_refine", "refine_tol", "refine_max_rows", "crown_gradient",
-                "optimize_adjoint", "refine_opt_steps")
+                "optimize_adjoint", "refine_opt_steps", "adjoint_max_elements")
 
 
 def deq_options(options):
@@ -56,6 +57,10 @@ def deq_options(options):
         raise ValueError(f"bound_opts['deq']['adjoint_max_iter'] must be an integer >= 1, got {max_iter!r}")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
         raise ValueError(f"bound_opts['deq']['adjoint_tol'] must be a finite real number >= 0, got {tol!r}")
+    cap = adjoint.get("adjoint_max_elements", 1)
+    if isinstance(cap, bool) or not isinstance(cap, numbers.Integral) or cap < 1:
+        raise ValueError("bound_opts['deq']['adjoint_max_elements'] (entries of specification rows x batch x "
+                         f"state per adjoint chunk) must be an integer >= 1, got {cap!r}")
     for name, least in (("crown_refine", 0), ("refine_max_rows", 1), ("refine_opt_steps", 0)):
         value = adjoint.get(name, least)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
