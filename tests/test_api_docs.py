@@ -49,5 +49,5 @@ def test_signatures_are_rendered_without_addresses():
     assert " at 0x" not in text
     from lirpa_deq.training import Trainer
 
-    assert "Trainer(config, device='cpu', train_set=None, log=print)" in text
+    assert "Trainer(config, device='cpu', train_set=None, log=print, dist=None)" in text
     assert inspect.signature(Trainer).parameters["config"]  # the rendered signature is the real one

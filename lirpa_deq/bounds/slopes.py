@@ -65,6 +65,8 @@ class OptimizableSlopes:
             if not key.endswith(SHIFT):  # slopes live in [0, 1]; adjoint shifts are free
                 value.data = value.data.clamp(0.0, 1.0)
 
+    clip_alpha = clip_alpha_  # the name upstream auto_LiRPA calls after each step (0.3: clip_alpha_)
+
     def dump_optimized_params(self):
         return self.alpha
 
