@@ -187,9 +187,10 @@ class BoundDEQ(OptimizableSlopes, optimizable_node_base()):
             return None
         region = [center] + [t for t in (getattr(ptb, "x_L", None), getattr(ptb, "x_U", None))
                              if isinstance(t, torch.Tensor)]
-        for v in (getattr(ptb, "eps", None), getattr(ptb, "norm", None)):  # upstream keeps eps as a tensor
-            region.append(v.detach().to(torch.float64).flatten() if isinstance(v, torch.Tensor)
-                          else torch.tensor([-1.0 if v is None else float(v)], dtype=torch.float64))
+        scalars = [v.detach().to(device="cpu", dtype=torch.float64).flatten() if isinstance(v, torch.Tensor)
+                   else torch.tensor([-1.0 if v is None else float(v)], dtype=torch.float64)
+                   for v in (getattr(ptb, "eps", None), getattr(ptb, "norm", None))]  # upstream: eps a tensor
+        region.append(torch.cat(scalars))  # [eps (one or more values), norm]
 
         def concretize(A):
             return concretize_lower(prefix, A.reshape(A.shape[0], A.shape[1], *u_state))
